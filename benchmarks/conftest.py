@@ -1,0 +1,1 @@
+"""pytest-benchmark suites: one benchmark per (method, shape, tokens, direction) of the CPU table."""

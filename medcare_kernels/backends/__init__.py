@@ -1,0 +1,144 @@
+"""Backend registry: which implementations exist, which can run here, and which one a call uses.
+
+A *backend* is a family of implementations of the public ops (``route``, ``molora_linear``,
+``lora_linear``, ``orthogonal_penalty``):
+
+=============  ====================================================================================
+``reference``  the authors' dense method (every expert for every token, stack, gather), differentiated
+               by plain autograd: the benchmark baseline and a test oracle, never chosen by ``auto``
+``torch``      portable PyTorch (CPU and CUDA): gating in rank space, dense-masked or grouped
+=============  ====================================================================================
+
+Each backend provides, per op, a module ``<package>.<op>`` (or a module registered with
+:func:`register_impl`) with two functions whose signatures are fixed per op (see the op modules under
+:mod:`medcare_kernels.ops`): ``forward(...)`` and ``backward(...)``. The reference backend instead
+provides ``apply(...)``, plain differentiable PyTorch. Modules are imported lazily, on first use.
+
+Selection (:func:`resolve_backend`): an explicit name wins; ``"auto"`` takes ``MEDCARE_BACKEND`` when
+it is set, else the op's preference for the tensors' device (CPU -> ``torch``). A backend that is
+asked for by name but cannot run raises :class:`BackendUnavailableError` saying what is missing; there
+is never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_unavailable_reason",
+    "get_impl",
+    "register_impl",
+    "resolve_backend",
+]
+
+ENV_VAR = "MEDCARE_BACKEND"
+
+
+def _always(device: torch.device) -> str | None:
+    return None
+
+
+# name -> (package holding one module per op, why it cannot run on a device or None).
+# Listed in the order ``available_backends`` reports them.
+_BACKENDS: dict[str, tuple[str, Callable[[torch.device], str | None]]] = {
+    "reference": ("medcare_kernels.backends.reference", _always),
+    "torch": ("medcare_kernels.backends.pytorch", _always),
+}
+
+#: Every backend name the library knows.
+BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
+
+#: Backends ``auto`` may pick for CUDA tensors, fastest first (the op's ``choose`` refines this).
+_FAST_CUDA_BACKENDS: tuple[str, ...] = tuple(b for b in ("cuda", "triton") if b in _BACKENDS)
+
+_registered: dict[tuple[str, str], ModuleType | str] = {}
+_loaded: dict[tuple[str, str], ModuleType] = {}
+
+
+class BackendUnavailableError(ValueError):
+    """A backend was asked for by name but cannot run for these tensors on this machine."""
+
+
+def register_impl(op: str, backend: str, module: ModuleType | str) -> None:
+    """Register ``module`` (or a dotted module path, imported on first use) as ``backend``'s ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _registered[(op, backend)] = module
+    _loaded.pop((op, backend), None)
+
+
+def _module_path(op: str, backend: str) -> str | ModuleType:
+    return _registered.get((op, backend), f"{_BACKENDS[backend][0]}.{op}")
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (default: CUDA when visible, else CPU); None if it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+    device = _default_device() if device is None else torch.device(device)
+    return _BACKENDS[backend][1](device)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (default: CUDA when visible, else CPU).
+
+    On a CPU-only machine this is ``["reference", "torch"]``.
+    """
+    return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
+
+
+def resolve_backend(
+    requested: str | None,
+    device: torch.device,
+    op: str,
+    choose: Callable[[Sequence[str]], str] | None = None,
+) -> str:
+    """The backend an ``op`` call on ``device`` runs with.
+
+    ``requested`` is a backend name or ``"auto"``/None. With ``"auto"`` the ``MEDCARE_BACKEND``
+    environment variable wins when set; otherwise CPU tensors get ``torch`` and CUDA tensors get
+    ``choose(available)`` (the op's measured preference for the shape), or ``torch`` without one.
+    """
+    if requested is None:
+        requested = "auto"
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a str (one of {BACKENDS} or 'auto'), got {type(requested).__name__}")
+    source = "backend"
+    if requested == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            requested, source = env, ENV_VAR
+    if requested == "auto":
+        if device.type == "cuda" and choose is not None:
+            fast = [b for b in _FAST_CUDA_BACKENDS if backend_unavailable_reason(b, device) is None]
+            return choose(fast) if fast else "torch"
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or 'auto', got {requested!r}")
+    reason = backend_unavailable_reason(requested, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"{source}={requested!r} cannot run {op}: {reason}")
+    return requested
+
+
+def get_impl(op: str, backend: str) -> ModuleType:
+    """The module implementing ``op`` for ``backend`` (imported on first use)."""
+    key = (op, backend)
+    mod = _loaded.get(key)
+    if mod is None:
+        target = _module_path(op, backend)
+        mod = importlib.import_module(target) if isinstance(target, str) else target
+        _loaded[key] = mod
+    return mod
