@@ -37,7 +37,7 @@ def check(inp, scaling, backend, dtype):
     ref = {n: oracle.leaf64(inp[n]) for n in NAMES}
     y64 = oracle.lora(ref["x"], ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], scaling, ref["lora_x"])
     assert_close(y, y64, dtype, "y")
-    gy = torch.randn(y.shape, dtype=torch.float64)
+    gy = torch.randn(y.shape).to(y.dtype).to(torch.float64)  # what the library receives, exactly
     got = grads_of([(y, gy)], [inp[n] for n in NAMES])
     want = grads_of([(y64, gy)], [ref[n] for n in NAMES])
     for name, g, w, t in zip(NAMES, got, want, [inp[n] for n in NAMES]):

@@ -85,7 +85,7 @@ def check(inp, top_k, scaling, backend, form, dtype, monkeypatch, logits_grad=Fa
     assert_close(y.reshape(T, d_out), y64, dtype, "y")
     assert_close(logits, logits64, torch.float32, "router_logits")  # float32 math whatever the input dtype
 
-    gy = torch.randn(y.shape, dtype=torch.float64)
+    gy = torch.randn(y.shape).to(y.dtype).to(torch.float64)  # what the library receives, exactly
     seeds = [(y, gy)]
     seeds64 = [(y64, gy.reshape(T, d_out))]
     if logits_grad:
