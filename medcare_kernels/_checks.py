@@ -83,9 +83,35 @@ def real(name: str, value: object) -> float:
 
 
 def lora_x(value: object, x: torch.Tensor) -> torch.Tensor | None:
-    """``lora_x`` is None or a tensor of ``x``'s shape (the LoRA input, e.g. ``dropout(x)``)."""
+    """``lora_x`` is None or a tensor of ``x``'s shape and dtype (the LoRA input, e.g. ``dropout(x)``)."""
     if value is None:
         return None
     t = tensor("lora_x", value)
     shape("lora_x", t, x.shape, "x.shape")
+    same_dtype("lora_x", t, "x", x)
     return t
+
+
+def base_linear(x: object, weight: object, bias: object) -> tuple[int, int]:
+    """The frozen linear's inputs: x [..., d_in], weight [d_out, d_in] and bias [d_out] | None, one dtype.
+
+    Returns ``(d_out, d_in)``.
+    """
+    x = tensor("x", x, min_ndim=1)
+    weight = tensor("weight", weight, ndim=2)
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x must have d_in = weight.shape[1] = {d_in} features in its last dimension, "
+                         f"got shape {list(x.shape)}")
+    same_dtype("weight", weight, "x", x)
+    if optional_tensor("bias", bias, ndim=1) is not None:
+        shape("bias", bias, (d_out,), "[d_out]")
+        same_dtype("bias", bias, "weight", weight)
+    return d_out, d_in
+
+
+def tokens_2d(x: torch.Tensor, lora_x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` and ``lora_x`` as contiguous [T, d_in] (the layout every backend takes)."""
+    d_in = x.shape[-1]
+    return (x.reshape(-1, d_in).contiguous(),
+            None if lora_x is None else lora_x.reshape(-1, d_in).contiguous())

@@ -76,16 +76,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     Returns:
         ``y [..., d_out]`` in x's dtype; differentiable w.r.t. every floating input.
     """
-    x = _checks.tensor("x", x, min_ndim=1)
-    weight = _checks.tensor("weight", weight, ndim=2)
-    d_out, d_in = weight.shape
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x must have d_in = weight.shape[1] = {d_in} features in its last dimension, "
-                         f"got shape {list(x.shape)}")
-    _checks.same_dtype("weight", weight, "x", x)
-    if _checks.optional_tensor("bias", bias, ndim=1) is not None:
-        _checks.shape("bias", bias, (d_out,), "[d_out]")
-        _checks.same_dtype("bias", bias, "weight", weight)
+    d_out, d_in = _checks.base_linear(x, weight, bias)
     lora_A = _checks.tensor("lora_A", lora_A, ndim=2)
     r = lora_A.shape[0]
     _checks.shape("lora_A", lora_A, (r, d_in), "[r, d_in]")
@@ -93,16 +84,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     _checks.shape("lora_B", lora_B, (d_out, r), "[d_out, r] (r from lora_A)")
     _checks.same_dtype("lora_B", lora_B, "lora_A", lora_A)
     scaling = _checks.real("scaling", scaling)
-    if _checks.lora_x(lora_x, x) is not None:
-        _checks.same_dtype("lora_x", lora_x, "x", x)
+    _checks.lora_x(lora_x, x)
     device = _checks.same_device([("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A),
                                   ("lora_B", lora_B), ("lora_x", lora_x)])
     be = resolve_backend(backend, device, _OP)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in).contiguous()
-    lx2 = None if lora_x is None else lora_x.reshape(-1, d_in).contiguous()
+    x2, lx2 = _checks.tokens_2d(x, lora_x)
     if be == "reference":
         y = get_impl(_OP, be).apply(x2, weight, bias, lora_A, lora_B, lx2, scaling)
     else:
         y, _z = _lora_linear_op(x2, weight, bias, lora_A, lora_B, lx2, scaling, be)
-    return y.reshape(*lead, d_out)
+    return y.reshape(*x.shape[:-1], d_out)

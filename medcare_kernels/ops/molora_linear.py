@@ -93,16 +93,7 @@ _molora_linear_op.register_autograd(_backward, setup_context=_setup)
 
 def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, top_k, scaling,
            lora_x):
-    x = _checks.tensor("x", x, min_ndim=1)
-    weight = _checks.tensor("weight", weight, ndim=2)
-    d_out, d_in = weight.shape
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x must have d_in = weight.shape[1] = {d_in} features in its last dimension, "
-                         f"got shape {list(x.shape)}")
-    _checks.same_dtype("weight", weight, "x", x)
-    if _checks.optional_tensor("bias", bias, ndim=1) is not None:
-        _checks.shape("bias", bias, (d_out,), "[d_out]")
-        _checks.same_dtype("bias", bias, "weight", weight)
+    d_out, d_in = _checks.base_linear(x, weight, bias)
     router_weight = _checks.tensor("router_weight", router_weight, ndim=2)
     E = router_weight.shape[0]
     _checks.shape("router_weight", router_weight, (E, d_in), "[E, d_in]")
@@ -130,8 +121,7 @@ def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A
         _checks.same_dtype("shared_B", shared_B, "lora_A", lora_A)
     top_k = _checks.integer("top_k", top_k, low=1, high=E, high_name="E")
     scaling = _checks.real("scaling", scaling)
-    if _checks.lora_x(lora_x, x) is not None:
-        _checks.same_dtype("lora_x", lora_x, "x", x)
+    _checks.lora_x(lora_x, x)
     device = _checks.same_device([("x", x), ("weight", weight), ("bias", bias), ("router_weight", router_weight),
                                   ("router_bias", router_bias), ("lora_A", lora_A), ("lora_B", lora_B),
                                   ("shared_A", shared_A), ("shared_B", shared_B), ("lora_x", lora_x)])
@@ -165,13 +155,10 @@ def molora_linear(
     top_k, scaling, device = _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A,
                                     shared_B, top_k, scaling, lora_x)
     be = resolve_backend(backend, device, _OP)
-    d_out, d_in = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in).contiguous()
-    lx2 = None if lora_x is None else lora_x.reshape(-1, d_in).contiguous()
+    x2, lx2 = _checks.tokens_2d(x, lora_x)
     args = (x2, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lx2, top_k, scaling)
     if be == "reference":
         y, logits = get_impl(_OP, be).apply(*args)
     else:
         y, logits, _w, _i, _z = _molora_linear_op(*args, be)
-    return y.reshape(*lead, d_out), logits
+    return y.reshape(*x.shape[:-1], weight.shape[0]), logits

@@ -18,6 +18,7 @@ slot order (token t, choice j), then the shared experts' shrink, plus the router
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -49,22 +50,28 @@ def choose_formulation(tokens: int, experts: int, rank: int, top_k: int, device:
     return "grouped" if tokens * top_k >= 16 * experts else "dense"
 
 
-_workspaces: dict[tuple, torch.Tensor] = {}
+_local = threading.local()
 
 
 def _workspace(slot: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable [rows, cols] scratch buffer (CPU: kept between calls, grown on demand).
+    """A reusable [rows, cols] scratch buffer: on the CPU kept between calls (per thread), grown on demand.
 
     On the CPU a fresh multi-megabyte allocation costs a page fault per 4 KiB on first touch, which
-    for the per-expert buffers here costs as much as the GEMMs; CUDA's caching allocator needs no help.
+    for the per-expert buffers here costs as much as their GEMMs; CUDA's caching allocator needs no help.
+    :func:`clear_workspaces` frees them.
     """
     if device.type != "cpu":
         return torch.empty(rows, cols, dtype=dtype, device=device)
-    key = (slot, dtype)
-    buf = _workspaces.get(key)
+    cache = _local.__dict__.setdefault("buffers", {})
+    buf = cache.get((slot, dtype))
     if buf is None or buf.numel() < rows * cols:
-        buf = _workspaces[key] = torch.empty(rows * cols, dtype=dtype)
+        buf = cache[(slot, dtype)] = torch.empty(rows * cols, dtype=dtype)
     return buf[: rows * cols].view(rows, cols)
+
+
+def clear_workspaces() -> None:
+    """Free this thread's cached CPU scratch buffers."""
+    _local.__dict__.pop("buffers", None)
 
 
 def _segments(indices: torch.Tensor, experts: int, top_k: int):
