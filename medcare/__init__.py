@@ -13,6 +13,12 @@ In a new process, stage 2 from a stage-1 adapter: ``to_stage2(base_model, cfg)``
 ``MedCareTrainer`` (and transformers) is imported on first use.
 """
 
+try:
+    import safetensors  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError("the medcare model layer needs its extra dependencies: pip install 'medcare-kernels[model]' "
+                      "(transformers, accelerate, safetensors)") from e
+
 from medcare.adapters import load_adapter, save_adapter
 from medcare.config import MedCareConfig
 from medcare.losses import orthogonal_penalty, router_aux_loss

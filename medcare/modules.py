@@ -140,8 +140,10 @@ class MoLoRALinear(_AdapterLinear):
     Parameters: ``router`` (``nn.Linear``: weight ``[E, d_in]``, bias ``[E]``), ``lora_A [E, r, d_in]``,
     ``lora_B [E, d_out, r]``, ``shared_A [r_s, d_in]``, ``shared_B [d_out, r_s]`` with ``r_s = r*num_shared``.
 
-    ``last_router_logits`` holds the float32 ``[T, E]`` router logits of the last forward (part of the
-    autograd graph in training) for :func:`medcare.router_aux_loss`.
+    ``last_router_logits`` holds the float32 ``[T, E]`` router logits of the last forward for
+    :func:`medcare.router_aux_loss`: part of the autograd graph in training mode, detached in eval mode.
+    A plain attribute assignment in ``forward``: ``torch.compile(fullgraph=True)`` traces it, and with
+    (non-reentrant) gradient checkpointing the first forward's logits carry the graph.
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, config: MedCareConfig | None = None,
@@ -181,7 +183,8 @@ class MoLoRALinear(_AdapterLinear):
             y, logits = mk.molora_linear(x, weight, bias, self.router.weight, self.router.bias, self.lora_A,
                                          self.lora_B, self.shared_A, self.shared_B, top_k=self.top_k,
                                          scaling=self.scaling, lora_x=self._lora_x(x), backend=self.backend)
-        self.last_router_logits = logits
+        # kept for router_aux_loss; outside training without the graph (nothing to backpropagate into)
+        self.last_router_logits = logits if self.training else logits.detach()
         return y
 
     def extra_repr(self) -> str:

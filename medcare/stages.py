@@ -138,6 +138,23 @@ def _freeze_all(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def _enable_input_grads(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad (transformers' ``enable_input_require_grads``), once.
+
+    With a frozen embedding, reentrant gradient checkpointing (the default of transformers 4.x) would see
+    no input that requires grad and give the adapters of the checkpointed layers no gradient.
+    """
+    if model.__dict__.get("_require_grads_hooks") or "_require_grads_hook" in model.__dict__:
+        return
+    enable = getattr(model, "enable_input_require_grads", None)
+    if enable is not None:
+        try:
+            enable()
+            model.__dict__["_medcare_input_grads"] = True
+        except (NotImplementedError, AttributeError, TypeError):  # a model without input embeddings
+            pass
+
+
 # ---- stage functions ----------------------------------------------------------------------------------
 
 def apply_stage1(model: nn.Module, config: MedCareConfig | None = None) -> nn.Module:
@@ -160,6 +177,7 @@ def apply_stage1(model: nn.Module, config: MedCareConfig | None = None) -> nn.Mo
         _set_module(model, name, MoLoRALinear.from_linear(linear, config))
     for name, linear in attn:
         _set_module(model, name, LoRALinear.from_linear(linear, config))
+    _enable_input_grads(model)
     model.medcare_config = config
     _refresh_cache(model)
     return model
@@ -221,6 +239,7 @@ def to_stage2(model: nn.Module, config: MedCareConfig | None = None) -> nn.Modul
         module.orth_B.requires_grad_(True)
         module.base_A.requires_grad_(not config.freeze_base)
         module.base_B.requires_grad_(not config.freeze_base)
+    _enable_input_grads(model)
     model.medcare_config = config
     _refresh_cache(model)
     return model
@@ -239,7 +258,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                          f"call to_stage2(model, config) first. MoLoRA layers: {molora[:4]}"
                          f"{'...' if len(molora) > 4 else ''}")
     merge_lora(model, "all")
-    for attr in ("medcare_config", "_medcare_layers", "_medcare_merged"):
+    if model.__dict__.get("_medcare_input_grads") and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    for attr in ("medcare_config", "_medcare_layers", "_medcare_merged", "_medcare_input_grads"):
         model.__dict__.pop(attr, None)
     return model
 

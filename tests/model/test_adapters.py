@@ -12,11 +12,26 @@ import pytest
 import torch
 
 import medcare.adapters as adapters_mod
-from medcare import (MoLoRALinear, OrthLoRALinear, apply_stage1, load_adapter, merge_and_unload, merge_lora,
-                     save_adapter, to_stage2)
+from medcare import (
+    MoLoRALinear,
+    OrthLoRALinear,
+    apply_stage1,
+    load_adapter,
+    merge_and_unload,
+    merge_lora,
+    save_adapter,
+    to_stage2,
+)
 from medcare.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterError, read_adapter
-from tests.model.tiny import (adapter_params, logits, quiet_to_stage2, randomize_adapters, small_config,
-                              tiny_model, tokens)
+from tests.model.tiny import (
+    adapter_params,
+    logits,
+    quiet_to_stage2,
+    randomize_adapters,
+    small_config,
+    tiny_model,
+    tokens,
+)
 
 
 def _stage1(seed=0, **cfg):

@@ -7,10 +7,29 @@ import warnings
 import pytest
 import torch
 
-from medcare import (LoRALinear, MoLoRALinear, OrthLoRALinear, apply_stage1, merge_and_unload, merge_lora,
-                     orthogonal_penalty, router_aux_loss, to_stage2)
-from tests.model.tiny import (ARCHS, adapter_params, base_params, clone, enable_checkpointing, logits,
-                              randomize_adapters, small_config, tiny_model, tokens)
+from medcare import (
+    LoRALinear,
+    MoLoRALinear,
+    OrthLoRALinear,
+    apply_stage1,
+    merge_and_unload,
+    merge_lora,
+    orthogonal_penalty,
+    router_aux_loss,
+    to_stage2,
+)
+from tests.model.tiny import (
+    ARCHS,
+    adapter_params,
+    base_params,
+    clone,
+    enable_checkpointing,
+    logits,
+    randomize_adapters,
+    small_config,
+    tiny_model,
+    tokens,
+)
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -235,10 +254,9 @@ def test_to_stage2_on_a_plain_model_warns_and_wraps_the_ffn_with_a_zero_base():
     orth = [m for m in model.modules() if isinstance(m, OrthLoRALinear)]
     assert len(orth) == 6 and all(torch.all(m.base_A == 0) for m in orth)
     torch.testing.assert_close(logits(model, ids), ref, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="already in stage 2"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            to_stage2(model, small_config())
+    with pytest.raises(ValueError, match="already in stage 2"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        to_stage2(model, small_config())
     with pytest.raises(ValueError, match="scale"):
         to_stage2(apply_stage1(tiny_model(), small_config()), small_config(alpha=32))
 
@@ -263,11 +281,23 @@ def test_router_aux_loss_is_one_when_balanced_and_respects_the_mask():
     ids = tokens(2, 10)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
+    model.train()
     model(input_ids=ids, attention_mask=mask)
     aux = router_aux_loss(model, mask)
     assert aux.dim() == 0 and 0 < aux.item() <= 4 and aux.requires_grad
     m = next(x for x in model.modules() if isinstance(x, MoLoRALinear))
-    m.last_router_logits = torch.zeros(8, 4)  # uniform router: f_e = P_e = 1/4 -> 1
+    m.last_router_logits = torch.zeros(8, 4, requires_grad=True)  # uniform router: f_e = P_e = 1/4 -> 1
     torch.testing.assert_close(router_aux_loss([m]), torch.tensor(1.0))
+    model.eval()
+    model(input_ids=ids)
+    assert not router_aux_loss(model).requires_grad  # eval mode keeps no graph
     with pytest.raises(ValueError, match="attention_mask"):
         router_aux_loss(model, torch.ones(3, 3))
+
+
+def test_merge_and_unload_leaves_no_medcare_state_behind():
+    model = to_stage2(merge_lora(apply_stage1(tiny_model(), small_config()), "attn"), small_config())
+    merge_and_unload(model)
+    assert not any(k.startswith("_medcare") or k == "medcare_config" for k in model.__dict__)
+    out = model.model.embed_tokens(tokens())
+    assert not out.requires_grad  # the input-grad hook that apply_stage1 added is gone
