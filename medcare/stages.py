@@ -1,0 +1,272 @@
+"""Stage transitions on a transformers model: targeting, stage 1, attention merge, stage 2, final merge.
+
+Model state kept on the model object (plain attributes, never in the state dict):
+
+* ``model.medcare_config``: the :class:`MedCareConfig` of the current stage.
+* ``model._medcare_merged``: ``{module name: {"lora_A", "lora_B", "scaling"}}`` for every attention LoRA
+  folded into its base weight (by :func:`merge_lora`, :func:`to_stage2` or :func:`~medcare.load_adapter`),
+  kept (on the CPU, tiny) so an adapter saved later still carries it and a fresh base model can be rebuilt.
+* ``model._medcare_layers``: a cache of the wrapper modules per class (O(layers) penalty/aux collection),
+  rebuilt by every stage function.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from medcare.config import MedCareConfig
+from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear, fold_into
+
+__all__ = ["apply_stage1", "merge_and_unload", "merge_lora", "model_stage", "to_stage2", "wrapper_modules"]
+
+_WRAPPERS = (MoLoRALinear, LoRALinear, OrthLoRALinear)
+
+
+# ---- model state --------------------------------------------------------------------------------------
+
+def wrapper_modules(model: nn.Module, cls: type[nn.Module]) -> tuple[nn.Module, ...]:
+    """The ``cls`` wrappers of ``model`` in module order, collected once per stage change and cached."""
+    cache = model.__dict__.get("_medcare_layers")
+    if cache is None:
+        cache = _refresh_cache(model)
+    if cls not in cache:
+        cache[cls] = tuple(m for m in model.modules() if isinstance(m, cls))
+    return cache[cls]
+
+
+def _refresh_cache(model: nn.Module) -> dict:
+    cache: dict = {c: [] for c in _WRAPPERS}
+    for m in model.modules():
+        for c in _WRAPPERS:
+            if isinstance(m, c):
+                cache[c].append(m)
+    cache = {c: tuple(v) for c, v in cache.items()}
+    model.__dict__["_medcare_layers"] = cache
+    return cache
+
+
+def model_stage(model: nn.Module) -> int:
+    """1 if the model holds MoLoRA layers, 2 if it holds OrthLoRA layers, 0 if neither."""
+    has1 = bool(wrapper_modules(model, MoLoRALinear))
+    has2 = bool(wrapper_modules(model, OrthLoRALinear))
+    if has1 and has2:
+        raise ValueError("the model holds both MoLoRALinear (stage 1) and OrthLoRALinear (stage 2) layers")
+    return 1 if has1 else 2 if has2 else 0
+
+
+def merged_records(model: nn.Module) -> dict[str, dict]:
+    """Attention LoRAs folded into base weights: ``{name: {"lora_A", "lora_B", "scaling"}}`` (live dict)."""
+    return model.__dict__.setdefault("_medcare_merged", {})
+
+
+def _record_merge(model: nn.Module, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    merged_records(model)[name] = {"lora_A": lora_A.detach().to("cpu", copy=True),
+                                   "lora_B": lora_B.detach().to("cpu", copy=True), "scaling": float(scaling)}
+
+
+def _config_of(model: nn.Module, config: MedCareConfig | None) -> MedCareConfig:
+    if config is None:
+        config = getattr(model, "medcare_config", None)
+        if config is None:
+            raise ValueError("no MedCareConfig given and the model carries none (model.medcare_config): "
+                             "pass one, e.g. to_stage2(model, MedCareConfig(...))")
+    if not isinstance(config, MedCareConfig):
+        raise TypeError(f"config must be a MedCareConfig, got {type(config).__name__}")
+    return config
+
+
+# ---- targeting ----------------------------------------------------------------------------------------
+
+def _in_layers(name: str, layers_pattern: str) -> bool:
+    return re.search(rf"(^|\.){re.escape(layers_pattern)}\.\d+\.", name) is not None
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The model's linear layers (wrappers included), with layer indices collapsed to ``*``."""
+    seen: dict[str, None] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, *_WRAPPERS)) and not name.endswith(".router"):
+            seen[re.sub(r"\.\d+\.", ".*.", name)] = None
+    return list(seen)
+
+
+def find_targets(model: nn.Module, targets: Iterable[str], layers_pattern: str = "layers",
+                 group: str = "targets") -> list[tuple[str, nn.Linear]]:
+    """``nn.Linear`` modules inside the decoder layers whose name ends with one of ``targets``.
+
+    Raises ``ValueError`` listing the model's linear names when a target matches nothing.
+    """
+    targets = tuple(targets)
+    found, hit = [], set()
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or not _in_layers(name, layers_pattern):
+            continue
+        for t in targets:
+            if _matches(name, t):
+                found.append((name, m))
+                hit.add(t)
+                break
+    missing = [t for t in targets if t not in hit]
+    if missing:
+        names = linear_names(model)
+        raise ValueError(
+            f"{group} {list(missing)} match no nn.Linear inside the decoder layers "
+            f"(modules named '<...>.{layers_pattern}.<i>.<...>'). The model's linear layers are: {names}. "
+            f"Set MedCareConfig.{group} (module-name suffixes) or layers_pattern accordingly.")
+    return found
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule ``name`` by ``module``, which takes over its train/eval mode."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    module.train(getattr(parent, child).training)
+    setattr(parent, child, module)
+
+
+def _freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _enable_input_grads(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad (transformers' ``enable_input_require_grads``), once.
+
+    With a frozen embedding, reentrant gradient checkpointing (the default of transformers 4.x) would see
+    no input that requires grad and give the adapters of the checkpointed layers no gradient.
+    """
+    if model.__dict__.get("_require_grads_hooks") or "_require_grads_hook" in model.__dict__:
+        return
+    enable = getattr(model, "enable_input_require_grads", None)
+    if enable is not None:
+        try:
+            enable()
+            model.__dict__["_medcare_input_grads"] = True
+        except (NotImplementedError, AttributeError, TypeError):  # a model without input embeddings
+            pass
+
+
+# ---- stage functions ----------------------------------------------------------------------------------
+
+def apply_stage1(model: nn.Module, config: MedCareConfig | None = None) -> nn.Module:
+    """MedCare stage 1 (knowledge aggregation), in place; returns ``model``.
+
+    Every ``nn.Linear`` named by ``config.ffn_targets`` inside the decoder layers becomes a
+    :class:`MoLoRALinear` (``num_experts`` routed experts + shared LoRA of rank ``r * num_shared``), every
+    one named by ``config.attn_targets`` a :class:`LoRALinear`. All other parameters are frozen: only the
+    LoRA and router parameters train. Raises ``ValueError`` (listing the model's linear names) when a
+    target matches nothing, and when the model is already wrapped.
+    """
+    config = MedCareConfig() if config is None else _config_of(model, config)
+    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
+        raise ValueError("the model already holds MedCare layers; apply_stage1 expects a plain model")
+    ffn = find_targets(model, config.ffn_targets, config.layers_pattern, "ffn_targets")
+    attn = find_targets(model, config.attn_targets, config.layers_pattern, "attn_targets") \
+        if config.attn_targets else []
+    _freeze_all(model)
+    for name, linear in ffn:
+        _set_module(model, name, MoLoRALinear.from_linear(linear, config))
+    for name, linear in attn:
+        _set_module(model, name, LoRALinear.from_linear(linear, config))
+    _enable_input_grads(model)
+    model.medcare_config = config
+    _refresh_cache(model)
+    return model
+
+
+def merge_lora(model: nn.Module, targets: str = "attn") -> nn.Module:
+    """Fold LoRA wrappers into their base weights (back to ``nn.Linear``), in place; returns ``model``.
+
+    ``targets``: ``"attn"`` (every :class:`LoRALinear`, the step between the stages), ``"ffn"`` (every
+    :class:`OrthLoRALinear`) or ``"all"``. Routed MoLoRA layers cannot be folded (their update depends
+    on the token); :func:`to_stage2` drops them. Folded attention LoRAs are remembered (CPU copies) so
+    :func:`~medcare.save_adapter` still writes them.
+    """
+    kinds = {"attn": (LoRALinear,), "ffn": (OrthLoRALinear,), "all": (LoRALinear, OrthLoRALinear)}
+    if targets not in kinds:
+        raise ValueError(f"targets must be one of {sorted(kinds)}, got {targets!r}")
+    for name, m in list(model.named_modules()):
+        if isinstance(m, kinds[targets]):
+            if isinstance(m, LoRALinear):
+                _record_merge(model, name, m.lora_A, m.lora_B, m.scaling)
+            _set_module(model, name, m.merge())
+    _refresh_cache(model)
+    return model
+
+
+def to_stage2(model: nn.Module, config: MedCareConfig | None = None) -> nn.Module:
+    """MedCare stage 2 (downstream alignment), in place; returns ``model``.
+
+    * Attention LoRAs still unmerged are folded into their base weights first (``merge_lora(model, "attn")``).
+    * Each :class:`MoLoRALinear` becomes an :class:`OrthLoRALinear`: routed experts and router dropped,
+      the shared LoRA becomes the base LoRA (frozen when ``config.freeze_base``), and a new orth LoRA of
+      the same rank (A Kaiming-uniform, B zeros) trains, so the model starts as base + shared experts.
+    * On a plain model (no stage-1 layers: e.g. a fresh base model in a new process), the FFN targets are
+      wrapped with a zero base LoRA; then ``load_adapter(model, stage1_dir)`` initialises the base LoRA
+      from the stage-1 shared experts and folds the stage-1 attention LoRA into the attention weights.
+
+    ``config`` defaults to ``model.medcare_config``; its scale (r, alpha, use_rslora) must match stage 1.
+    """
+    config = _config_of(model, config)
+    if wrapper_modules(model, OrthLoRALinear):
+        raise ValueError("the model is already in stage 2 (it holds OrthLoRALinear layers)")
+    merge_lora(model, "attn")
+    molora = [(n, m) for n, m in model.named_modules() if isinstance(m, MoLoRALinear)]
+    if molora:
+        bad = [n for n, m in molora if m.shared_rank != config.shared_rank]
+        if bad:
+            raise ValueError(f"config.r * config.num_shared = {config.shared_rank} differs from the stage-1 shared "
+                             f"rank of {bad[:4]}{'...' if len(bad) > 4 else ''}: use the stage-1 r and num_shared")
+        new = [(n, OrthLoRALinear.from_molora(m, config)) for n, m in molora]
+    else:
+        warnings.warn("to_stage2: the model has no stage-1 MoLoRA layers, so the frozen base LoRA starts at "
+                      "zero; initialise it from stage 1 with load_adapter(model, stage1_adapter_dir)", stacklevel=2)
+        new = [(n, OrthLoRALinear.from_linear(lin, config))
+               for n, lin in find_targets(model, config.ffn_targets, config.layers_pattern, "ffn_targets")]
+    _freeze_all(model)
+    for name, module in new:
+        _set_module(model, name, module)
+        module.orth_A.requires_grad_(True)
+        module.orth_B.requires_grad_(True)
+        module.base_A.requires_grad_(not config.freeze_base)
+        module.base_B.requires_grad_(not config.freeze_base)
+    _enable_input_grads(model)
+    model.medcare_config = config
+    _refresh_cache(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every LoRA/OrthLoRA wrapper into its base weight; returns a plain transformers model.
+
+    The result has only ``nn.Linear`` layers and no MedCare attributes: ``save_pretrained`` writes a
+    checkpoint that plain transformers loads. Raises ``ValueError`` if routed MoLoRA layers remain (their
+    update depends on the token: call :func:`to_stage2` first). Parameters keep their ``requires_grad``.
+    """
+    molora = [n for n, m in model.named_modules() if isinstance(m, MoLoRALinear)]
+    if molora:
+        raise ValueError(f"cannot fold routed MoLoRA layers into a plain linear (the update depends on the token): "
+                         f"call to_stage2(model, config) first. MoLoRA layers: {molora[:4]}"
+                         f"{'...' if len(molora) > 4 else ''}")
+    merge_lora(model, "all")
+    if model.__dict__.get("_medcare_input_grads") and hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    for attr in ("medcare_config", "_medcare_layers", "_medcare_merged", "_medcare_input_grads"):
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def fold_recorded(model: nn.Module, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """Fold an attention LoRA into the plain ``nn.Linear`` at ``name`` and remember it (adapter loading)."""
+    linear = model.get_submodule(name)
+    fold_into(linear.weight, lora_A, lora_B, scaling)
+    _record_merge(model, name, lora_A, lora_B, scaling)

@@ -1,0 +1,156 @@
+"""``MedCareTrainer``: ``transformers.Trainer`` plus the MedCare auxiliary losses and adapter checkpoints."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+
+from medcare.adapters import ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
+from medcare.config import MedCareConfig
+from medcare.losses import orthogonal_penalty, router_aux_loss
+from medcare.stages import merged_records, model_stage
+
+__all__ = ["MedCareTrainer"]
+
+_TRAINING_ARGS_NAME = "training_args.bin"
+_FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+class MedCareTrainer(Trainer):
+    """A ``transformers.Trainer`` for both MedCare stages. Use it as you use ``Trainer``.
+
+    Loss (training only; evaluation reports the task loss alone)::
+
+        stage 2:  loss = task_loss + orth_lambda   * orthogonal_penalty(model)    if orth_lambda > 0
+        stage 1:  loss = task_loss + aux_loss_coef * router_aux_loss(model, attention_mask)  if aux_loss_coef > 0
+
+    The stage is read from the model (MoLoRA layers -> 1, OrthLoRA layers -> 2); the coefficients from
+    ``medcare_config`` or else ``model.medcare_config``. Each extra term is a per-micro-batch quantity and
+    enters the optimiser step with weight 1 overall: it is divided by the number of accumulated
+    micro-batches exactly when the installed Trainer does not divide the returned loss itself (i.e. when the
+    task loss is already normalised by ``num_items_in_batch``), so gradient accumulation over ``n``
+    micro-batches gives the gradient of ``task + coef * mean(extra)``. It is not multiplied by the number of
+    processes (unlike the token-normalised task loss): DDP averages its identical per-rank gradient.
+
+    Metrics: ``orth_penalty`` (stage 2) and ``router_aux_loss`` (stage 1) are logged unweighted, averaged
+    over the micro-batches since the last log (and over processes), next to ``loss`` (which includes the
+    weighted terms). They are logged even when their coefficient is 0 (then computed without gradient).
+
+    Checkpoints: each save writes the adapter (``adapter.safetensors`` + ``medcare_config.json``, via
+    :func:`medcare.save_adapter`), the processing class and the training arguments; the full model weights
+    only with ``save_full_checkpoint=True``. Resuming (``train(resume_from_checkpoint=...)``) and
+    ``load_best_model_at_end`` load the adapter back. A model without MedCare layers (after
+    ``merge_and_unload``) is saved by the plain Trainer.
+    """
+
+    def __init__(self, *args: Any, medcare_config: MedCareConfig | None = None, save_full_checkpoint: bool = False,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if medcare_config is not None and not isinstance(medcare_config, MedCareConfig):
+            raise TypeError(f"medcare_config must be a MedCareConfig or None, got {type(medcare_config).__name__}")
+        self.medcare_config = medcare_config
+        self.save_full_checkpoint = bool(save_full_checkpoint)
+        self._medcare_sums: dict[str, Tensor] = {}
+        self._medcare_counts: dict[str, int] = {}
+
+    # ---- loss ---------------------------------------------------------------------------------------
+
+    def _medcare_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _medcare_cfg(self, model: nn.Module) -> MedCareConfig:
+        cfg = self.medcare_config or getattr(model, "medcare_config", None)
+        if cfg is None:
+            raise ValueError("MedCareTrainer needs a MedCareConfig: pass medcare_config=... or prepare the model with "
+                             "apply_stage1/to_stage2")
+        return cfg
+
+    def _extra_loss_scale(self, num_items_in_batch: Any) -> float:
+        """1 / (micro-batches per step) when the Trainer will not divide the returned loss, else 1."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (bool(self.model_accepts_loss_kwargs) and num_items_in_batch is not None) \
+                or self.compute_loss_func is not None
+        if not scaled:
+            return 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return 1.0 / steps
+
+    def medcare_extra_loss(self, attention_mask: Tensor | None = None) -> Tensor | None:
+        """The weighted MedCare term of the current stage (None when its coefficient is 0); records metrics."""
+        model = self._medcare_model()
+        stage = model_stage(model)
+        if stage == 0:
+            return None
+        cfg = self._medcare_cfg(model)
+        name, coef = ("orth_penalty", cfg.orth_lambda) if stage == 2 else ("router_aux_loss", cfg.aux_loss_coef)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and coef > 0):
+            value = orthogonal_penalty(model) if stage == 2 else router_aux_loss(model, attention_mask)
+        self._medcare_sums[name] = self._medcare_sums.get(name, 0) + value.detach().float()
+        self._medcare_counts[name] = self._medcare_counts.get(name, 0) + 1
+        return coef * value if coef > 0 else None
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        attention_mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            extra = self.medcare_extra_loss(attention_mask)
+            if extra is not None:
+                loss = loss + extra.to(loss.dtype) * self._extra_loss_scale(num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._medcare_counts:
+            for name, total in self._medcare_sums.items():
+                mean = total / self._medcare_counts[name]
+                if self.accelerator.num_processes > 1:
+                    mean = self.accelerator.reduce(mean.to(self.args.device), reduction="mean")
+                logs[name] = float(mean.item())
+            self._medcare_sums.clear()
+            self._medcare_counts.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def _has_adapter_layers(self, model: nn.Module) -> bool:
+        return model_stage(model) != 0 or bool(merged_records(model))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self._medcare_model()
+        if not self._has_adapter_layers(model):
+            super()._save(output_dir, state_dict=state_dict)
+            return
+        if self.save_full_checkpoint:
+            super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        save_adapter(model, output_dir, config=self.medcare_config)
+        if not self.save_full_checkpoint:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, _TRAINING_ARGS_NAME))
+
+    @staticmethod
+    def _adapter_only(checkpoint: str | None) -> bool:
+        return bool(checkpoint) and os.path.isfile(os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)) and not any(
+            os.path.isfile(os.path.join(checkpoint, n)) for n in _FULL_WEIGHTS)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self._adapter_only(resume_from_checkpoint):
+            load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model),
+                         resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if self._adapter_only(self.state.best_model_checkpoint):
+            load_adapter(self._medcare_model(), self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
