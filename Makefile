@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml setup.py
 test: $(STAMP)
 	$(PYTHON) -m pytest tests
 
-## The main job: for now, the MoLoRA layer benchmark table on this machine.
+## The main job: both MedCare stages end to end on a tiny model and the embedded data (medcare demo).
 demo: $(STAMP)
-	$(PYTHON) -m benchmarks
+	$(PYTHON) -m medcare demo
 
 ## The benchmark table with the torch backend's formulations, as JSON and a plot under benchmarks/results/.
 bench: $(STAMP)
