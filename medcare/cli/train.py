@@ -20,6 +20,7 @@ defaults; in stage 2 the stage-1 adapter's values), and every ``transformers.Tra
 
 # No ``from __future__ import annotations`` here: HfArgumentParser reads these dataclasses' field types
 # (``X | None`` is read as an optional X by transformers 4.57 and 5.x alike).
+import argparse
 import dataclasses
 import os
 import sys
@@ -72,7 +73,7 @@ class DataModelArguments:
         "help": "attention kernel for the model ('eager', 'sdpa', 'flash_attention_2', ...)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the checkpoint"})
     save_full_checkpoint: bool = field(default=False, metadata={
-        "help": "checkpoints also hold the full model weights (default: the adapter only)"})
+        "help": "checkpoints hold the full model weights too, not only the adapter"})
 
 
 def _help(text: str, name: str, stage2: str = "the stage-1 adapter's") -> dict[str, str]:
@@ -151,12 +152,21 @@ def build_config(margs: MedCareArguments, stage1: dict | None = None, stage1_dir
         raise CLIError(f"invalid MedCare option: {e}") from e
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written; '(default: X)' after each option's help, except for None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str]) -> tuple[DataModelArguments, MedCareArguments, Any]:
     """``(data/model, MedCare, TrainingArguments)`` from the command line or one JSON/YAML options file."""
     from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser((DataModelArguments, MedCareArguments, TrainingArguments),
-                              prog="medcare train", description=__doc__)
+                              prog="medcare train", description=__doc__, formatter_class=_HelpFormatter)
     try:
         if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
             path = os.path.abspath(argv[0])

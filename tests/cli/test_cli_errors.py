@@ -141,3 +141,19 @@ def test_directories_are_written_atomically(tmp_path):
     write_dir_atomically(out, lambda d: (d / "b").write_text("2"), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_options_from_a_json_file(tmp_path):
+    from medcare.cli.train import parse_args
+
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps({"stage": 2, "data": "d.jsonl", "from_stage1": "s1", "output_dir": str(tmp_path / "o"),
+                                "r": 8, "bf16": False, "gradient_accumulation_steps": 4}))
+    dargs, margs, targs = parse_args([str(path)])
+    assert (dargs.stage, dargs.from_stage1, margs.r, margs.alpha) == (2, "s1", 8, None)
+    assert targs.gradient_accumulation_steps == 4
+    path.write_text(json.dumps({"stage": 1, "data": "d.jsonl"}))
+    with pytest.raises(CLIError, match="--output_dir is required"):
+        parse_args([str(path)])
+    with pytest.raises(CLIError, match="options file .* does not exist"):
+        parse_args([str(tmp_path / "none.yaml")])
