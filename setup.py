@@ -9,7 +9,7 @@ Environment:
   when torch is a CUDA build and a CUDA toolkit (nvcc) is found, else skip it with a message.
 * ``TORCH_CUDA_ARCH_LIST``: GPU architectures, default ``8.0;9.0+PTX`` (A100, H100/H200, plus PTX
   that newer GPUs compile at load time).
-* ``CUDA_HOME``: the CUDA toolkit (default: torch's lookup: ``nvcc`` on PATH, then /usr/local/cuda).
+* ``CUDA_HOME``: the CUDA toolkit (default: see :func:`_find_cuda_home`).
 * ``MAX_JOBS``: parallel compile jobs (ninja).
 
 torch must be importable while building: ``pip install --no-build-isolation ...`` (the extension is
@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import sys
 
 from setuptools import setup
@@ -61,6 +62,25 @@ def _nvidia_header_dirs() -> list[str]:
     return found
 
 
+def _find_cuda_home() -> str | None:
+    """The CUDA toolkit: $CUDA_HOME (or $CUDA_PATH) when set; else the first folder with bin/nvcc and
+    include/cuda_runtime.h among: the one of the nvcc on PATH (symlinks resolved), /usr/local/cuda,
+    /usr/local/cuda-* (newest first). An nvcc wrapper script on PATH (e.g. /usr/local/bin/nvcc) does not
+    make /usr/local a toolkit, which torch's own lookup would assume."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if all(os.path.exists(os.path.join(home, *p)) for p in (("bin", "nvcc"), ("include", "cuda_runtime.h"))):
+            return home
+    return None
+
+
 def _gencode_archs(flags: list[str]) -> tuple[str, str]:
     """('80,90', '90') from nvcc -gencode flags: architectures with machine code, and with PTX."""
     sass, ptx = [], []
@@ -76,6 +96,9 @@ def _cuda_build():
     if mode == "skip":
         _say(f"{ENV}=0: building the pure-Python package without the CUDA extension")
         return [], {}, {}
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
     try:
         import torch
         from torch.utils import cpp_extension
@@ -87,7 +110,8 @@ def _cuda_build():
     problems = []
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU-only build")
-    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home:
+        cpp_extension.CUDA_HOME = cuda_home  # in case it was imported (and looked) earlier
     if not cuda_home or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         problems.append(f"no CUDA toolkit with nvcc found (CUDA_HOME={cuda_home!r}); set CUDA_HOME or put nvcc on PATH")
     if problems:
