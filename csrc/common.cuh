@@ -12,6 +12,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <string>

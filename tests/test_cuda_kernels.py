@@ -307,3 +307,19 @@ def test_torch_compile_fullgraph_with_the_cuda_backend():
     torch.testing.assert_close(out, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+def test_opcheck_compiled_ops():
+    """torch.library.opcheck: schema, fake implementations against the real kernels, dynamic shapes."""
+    logits = torch.randn(9, 6, device=DEV)
+    w, i = ops.route_fwd_cuda(logits, 2)
+    torch.library.opcheck(ops.route_fwd_cuda.default, (logits, 2))
+    torch.library.opcheck(ops.route_bwd_cuda.default, (torch.randn(9, 2, device=DEV), logits, w, i))
+    base = [torch.randn(4, 40, device=DEV), torch.randn(3, 7, device=DEV)]
+    orth = [torch.randn(5, 40, device=DEV), torch.randn(2, 7, device=DEV)]
+    torch.library.opcheck(ops.orthogonal_penalty_fwd_cuda.default, (base, orth))
+    torch.library.opcheck(ops.orthogonal_penalty_bwd_cuda.default,
+                          (torch.ones((), device=DEV), base, orth, True, False))
+    args = [None if t is None else t.detach().to(DEV) for t in
+            [molora_tests.make(5, 16, 12, 4, 2, 4, BF16)[n] for n in NAMES[:9]]]
+    torch.library.opcheck(ops.molora_decode_cuda.default, (*args, None, 2, 0.5))
