@@ -7,6 +7,9 @@ A *backend* is a family of implementations of the public ops (``route``, ``molor
 ``reference``  the authors' dense method (every expert for every token, stack, gather), differentiated
                by plain autograd: the benchmark baseline and a test oracle, never chosen by ``auto``
 ``torch``      portable PyTorch (CPU and CUDA): gating in rank space, dense-masked or grouped
+``cuda``       the compiled extension ``medcare_kernels._C`` (``csrc/``): route, orthogonal_penalty and
+               the molora_linear decode path; the rest delegates to ``torch`` (see its package doc).
+               Available when the extension was built and loaded and the tensors are on a GPU
 =============  ====================================================================================
 
 Each backend provides, per op, a module ``<package>.<op>`` (or a module registered with
@@ -29,6 +32,8 @@ from types import ModuleType
 
 import torch
 
+from medcare_kernels import _extension
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
@@ -46,11 +51,18 @@ def _always(device: torch.device) -> str | None:
     return None
 
 
+def _cuda_reason(device: torch.device) -> str | None:
+    """None when the compiled extension loaded and ``device`` is a GPU; else what is missing and how
+    to build it."""
+    return _extension.unavailable_reason(device)
+
+
 # name -> (package holding one module per op, why it cannot run on a device or None).
 # Listed in the order ``available_backends`` reports them.
 _BACKENDS: dict[str, tuple[str, Callable[[torch.device], str | None]]] = {
     "reference": ("medcare_kernels.backends.reference", _always),
     "torch": ("medcare_kernels.backends.pytorch", _always),
+    "cuda": ("medcare_kernels.backends.cuda", _cuda_reason),
 }
 
 #: Every backend name the library knows.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -128,6 +130,22 @@ def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A
     return top_k, scaling, device
 
 
+def _choose(available: Sequence[str], tokens: int) -> str:
+    """``auto`` on CUDA tensors, among the fast backends that can run (DESIGN.md section 5).
+
+    ``cuda`` for decode shapes only (``tokens <= DECODE_MAX_TOKENS``): its decode kernels cost the base
+    GEMM plus three small launches, where the GEMM formulations pay a dozen launches (and the grouped
+    one a host synchronisation) for a few tokens. Above that the cuda backend would run the torch
+    backend anyway, so ``triton`` when it can run, else ``torch``. Not yet measured on a GPU
+    (``make gpu-check`` times each backend at decode and prefill token counts).
+    """
+    from medcare_kernels.backends.cuda import DECODE_MAX_TOKENS
+
+    if "cuda" in available and tokens <= DECODE_MAX_TOKENS:
+        return "cuda"
+    return "triton" if "triton" in available else "torch"
+
+
 def molora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, router_weight: Tensor, router_bias: Tensor | None,
     lora_A: Tensor, lora_B: Tensor, shared_A: Tensor | None = None, shared_B: Tensor | None = None, *,
@@ -154,7 +172,8 @@ def molora_linear(
     """
     top_k, scaling, device = _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A,
                                     shared_B, top_k, scaling, lora_x)
-    be = resolve_backend(backend, device, _OP)
+    tokens = math.prod(x.shape[:-1])
+    be = resolve_backend(backend, device, _OP, choose=lambda available: _choose(available, tokens))
     x2, lx2 = _checks.tokens_2d(x, lora_x)
     args = (x2, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lx2, top_k, scaling)
     if be == "reference":

@@ -58,6 +58,19 @@ def _backward(ctx, grad):
 _penalty_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _choose(available: Sequence[str]) -> str:
+    """``auto`` on CUDA tensors, among the fast backends that can run (DESIGN.md section 5).
+
+    ``cuda`` first: its kernels cover every layer (ragged ``d_l``) in one launch per pass, reading each
+    ``A`` once, where a per-shape-group formulation stacks (copies) the layers and launches per group;
+    its reduction is deterministic. Not yet measured on a GPU (``make gpu-check`` times both).
+    """
+    for name in ("cuda", "triton"):
+        if name in available:
+            return name
+    return "torch"
+
+
 def orthogonal_penalty(base_A: Sequence[Tensor], orth_A: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
     """The MedCare stage-2 penalty ``P = sum_l sum(abs(base_A[l] @ orth_A[l].T))``.
 
@@ -87,7 +100,7 @@ def orthogonal_penalty(base_A: Sequence[Tensor], orth_A: Sequence[Tensor], *, ba
                              f"got {list(b.shape)} and {list(o.shape)}")
         named += [(f"base_A[{i}]", b), (f"orth_A[{i}]", o)]
     device = _checks.same_device(named)
-    be = resolve_backend(backend, device, _OP)
+    be = resolve_backend(backend, device, _OP, choose=_choose)
     base_A = [t.contiguous() for t in base_A]
     orth_A = [t.contiguous() for t in orth_A]
     if be == "reference":
