@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from typing import Optional
 
 import torch
@@ -13,6 +15,14 @@ from medcare_kernels.backends.pytorch.route import accumulate_dtype
 from medcare_kernels.ops import _grads
 
 _OP = "lora_linear"
+
+
+def _choose(available: Sequence[str], dtype: torch.dtype) -> str:
+    """``auto``'s pick for CUDA tensors among the fast backends that can run (cuda, triton): triton
+    (the only one measured so far), the first one otherwise, and torch for float64 (no 64-bit kernels)."""
+    if dtype == torch.float64 or not available:
+        return "torch"
+    return "triton" if "triton" in available else available[0]
 _GRAD_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B", "lora_x")
 
 
@@ -97,7 +107,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         _checks.same_dtype("lora_x", lora_x, "x", x)
     device = _checks.same_device([("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A),
                                   ("lora_B", lora_B), ("lora_x", lora_x)])
-    be = resolve_backend(backend, device, _OP)
+    wide = accumulate_dtype(x.dtype, lora_A.dtype)
+    be = resolve_backend(backend, device, _OP, choose=lambda av: _choose(av, wide))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in).contiguous()
     lx2 = None if lora_x is None else lora_x.reshape(-1, d_in).contiguous()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from typing import Optional
 
 import torch
@@ -13,6 +15,14 @@ from medcare_kernels.backends.pytorch.route import accumulate_dtype
 from medcare_kernels.ops import _grads
 
 _OP = "molora_linear"
+
+
+def _choose(available: Sequence[str], dtype: torch.dtype) -> str:
+    """``auto``'s pick for CUDA tensors among the fast backends that can run (cuda, triton): triton
+    (the only one measured so far), the first one otherwise, and torch for float64 (no 64-bit kernels)."""
+    if dtype == torch.float64 or not available:
+        return "torch"
+    return "triton" if "triton" in available else available[0]
 # Order of the differentiable inputs, shared by `needs` and the backward's outputs.
 _GRAD_INPUTS = ("x", "weight", "bias", "router_weight", "router_bias", "lora_A", "lora_B",
                 "shared_A", "shared_B", "lora_x")
@@ -164,7 +174,8 @@ def molora_linear(
     """
     top_k, scaling, device = _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A,
                                     shared_B, top_k, scaling, lora_x)
-    be = resolve_backend(backend, device, _OP)
+    wide = accumulate_dtype(x.dtype, lora_A.dtype, router_weight.dtype)
+    be = resolve_backend(backend, device, _OP, choose=lambda av: _choose(av, wide))
     d_out, d_in = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in).contiguous()

@@ -15,6 +15,14 @@ from medcare_kernels.ops import _grads
 _OP = "orthogonal_penalty"
 
 
+def _choose(available: Sequence[str], dtype: torch.dtype) -> str:
+    """``auto``'s pick for CUDA tensors among the fast backends that can run (cuda, triton): triton
+    (the only one measured so far), the first one otherwise, and torch for float64 (no 64-bit kernels)."""
+    if dtype == torch.float64 or not available:
+        return "torch"
+    return "triton" if "triton" in available else available[0]
+
+
 @torch.library.custom_op("medcare_kernels::orthogonal_penalty", mutates_args=())
 def _penalty_op(base_A: list[Tensor], orth_A: list[Tensor], backend: str) -> Tensor:
     return get_impl(_OP, backend).forward(base_A, orth_A)
@@ -87,7 +95,8 @@ def orthogonal_penalty(base_A: Sequence[Tensor], orth_A: Sequence[Tensor], *, ba
                              f"got {list(b.shape)} and {list(o.shape)}")
         named += [(f"base_A[{i}]", b), (f"orth_A[{i}]", o)]
     device = _checks.same_device(named)
-    be = resolve_backend(backend, device, _OP)
+    wide = accumulate_dtype(*[t.dtype for t in [*base_A, *orth_A]])
+    be = resolve_backend(backend, device, _OP, choose=lambda av: _choose(av, wide))
     base_A = [t.contiguous() for t in base_A]
     orth_A = [t.contiguous() for t in orth_A]
     if be == "reference":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -10,6 +12,14 @@ from medcare_kernels.backends import get_impl, resolve_backend
 from medcare_kernels.backends.pytorch.route import accumulate_dtype
 
 _OP = "route"
+
+
+def _choose(available: Sequence[str], dtype: torch.dtype) -> str:
+    """``auto``'s pick for CUDA tensors among the fast backends that can run (cuda, triton): triton
+    (the only one measured so far), the first one otherwise, and torch for float64 (no 64-bit kernels)."""
+    if dtype == torch.float64 or not available:
+        return "torch"
+    return "triton" if "triton" in available else available[0]
 
 
 @torch.library.custom_op("medcare_kernels::route", mutates_args=())
@@ -73,7 +83,7 @@ def route(logits: Tensor, top_k: int, *, backend: str = "auto") -> tuple[Tensor,
     if E < 1:
         raise ValueError(f"logits must have at least one expert in its last dimension, got shape {list(logits.shape)}")
     top_k = _checks.integer("top_k", top_k, low=1, high=E, high_name="E")
-    be = resolve_backend(backend, logits.device, _OP)
+    be = resolve_backend(backend, logits.device, _OP, choose=lambda av: _choose(av, logits.dtype))
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, E).contiguous()
     if be == "reference":

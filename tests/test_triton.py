@@ -1,0 +1,280 @@
+"""The triton backend: every kernel, forward and every gradient, against the float64 oracle.
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py) on small shapes;
+with one, the same tests run compiled on CUDA, and the ``gpu``-marked tests add larger shapes and
+``torch.compile``. The checks reuse the op test modules' ``make``/``check`` helpers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import medcare_kernels as mk
+import medcare_kernels.backends as be
+from tests import oracle, test_lora_linear, test_molora_linear, test_orthogonal_penalty, test_route
+from tests.conftest import assert_close, grads_of
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in mk.available_backends(), reason=f"triton backend unavailable: "
+    f"{be.backend_unavailable_reason('triton')}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+DT_IDS = ["float32", "bfloat16"]
+ON_GPU = torch.cuda.is_available()
+
+
+def _on(inp, device):
+    """The same inputs on ``device`` (leaf tensors keeping requires_grad)."""
+    return {n: None if t is None else t.detach().to(device).requires_grad_(t.requires_grad) for n, t in inp.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- molora
+
+# (T, E, top_k, r, r_s): T=1, T not a multiple of any block, E=1, k=E, no shared experts, wide E*r.
+CASES = [
+    (0, 8, 2, 16, 32),
+    (1, 8, 2, 16, 32),
+    (7, 2, 1, 8, 16),
+    (7, 1, 1, 8, 8),
+    (45, 8, 2, 16, 32),
+    (37, 8, 8, 1, 4),
+    (33, 6, 3, 4, 0),
+    (41, 64, 2, 8, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+@pytest.mark.parametrize("T,E,top_k,r,r_s", CASES)
+def test_molora_matches_float64_oracle(T, E, top_k, r, r_s, path, dtype, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_MOLORA_PATH", path)
+    inp = test_molora_linear.make(T, 40, 24, E, r, r_s, dtype)  # d_in, d_out: not multiples of 16
+    test_molora_linear.check(inp, top_k, 1.7, "triton", None, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("variant", list(test_molora_linear.VARIANTS))
+def test_molora_variants(variant, dtype, monkeypatch):
+    opts = dict(test_molora_linear.VARIANTS[variant])
+    r_s = opts.pop("r_s", 12)
+    inp = test_molora_linear.make(50, 33, 20, 6, 4, r_s, dtype, **opts)
+    test_molora_linear.check(inp, 2, 0.5, "triton", None, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+def test_molora_base_modes_and_router_loss(base, path, monkeypatch):
+    """Both base-GEMM modes, both paths, with a loss on the returned logits too."""
+    monkeypatch.setenv("MEDCARE_TRITON_BASE", base)
+    monkeypatch.setenv("MEDCARE_TRITON_MOLORA_PATH", path)
+    inp = test_molora_linear.make(40, 24, 16, 8, 4, 8, torch.float32)
+    test_molora_linear.check(inp, 2, 1.0, "triton", None, torch.float32, monkeypatch, logits_grad=True)
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_skewed_routing_idle_experts_get_exact_zero_grads(path, dtype, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_MOLORA_PATH", path)
+    E, top_k = 8, 2
+    inp = test_molora_linear.make(37, 32, 24, E, 4, 8, dtype)
+    with torch.no_grad():
+        inp["router_bias"].zero_()
+        inp["router_bias"][5] = 100.0  # experts 5 and (per token) one other take every token
+        inp["router_bias"][2] = 90.0
+    test_molora_linear.check(inp, top_k, 1.0, "triton", None, dtype, monkeypatch)
+    names = test_molora_linear.NAMES[:9]
+    y, _ = mk.molora_linear(*[inp[n] for n in names], top_k=top_k, scaling=1.0, backend="triton")
+    dA, dB = torch.autograd.grad(y.float().square().sum(), [inp["lora_A"], inp["lora_B"]])
+    idle = [e for e in range(E) if e not in (2, 5)]
+    assert torch.equal(dA[idle], torch.zeros_like(dA[idle])) and torch.equal(dB[idle], torch.zeros_like(dB[idle]))
+    assert dA[5].abs().sum() > 0 and dB[2].abs().sum() > 0
+
+
+def test_molora_saved_state_is_rank_space_only():
+    T, d_in, d_out, E, r, r_s, k = 64, 32, 256, 8, 4, 8, 2
+    inp = test_molora_linear.make(T, d_in, d_out, E, r, r_s, torch.float32)
+    inputs = {t.data_ptr() for t in inp.values() if t is not None}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in inputs:
+            total += t.numel()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mk.molora_linear(*[inp[n] for n in test_molora_linear.NAMES[:9]], top_k=k, scaling=1.0, backend="triton")
+    assert 0 < total <= T * (k * r + r_s + E + 2 * k)
+
+
+def test_fresh_adapter_equals_base_linear():
+    inp = test_molora_linear.make(17, 12, 10, 4, 3, 6, torch.float32)
+    with torch.no_grad():
+        inp["lora_B"].zero_()
+        inp["shared_B"].zero_()
+    y, _ = mk.molora_linear(*[inp[n] for n in test_molora_linear.NAMES[:9]], top_k=2, scaling=2.0,
+                            backend="triton")
+    torch.testing.assert_close(y, torch.nn.functional.linear(inp["x"], inp["weight"], inp["bias"]))
+
+
+# ---------------------------------------------------------------------------------------------------- others
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("T,E,top_k", [(0, 8, 2), (1, 8, 2), (7, 2, 1), (37, 8, 8), (70, 8, 2), (33, 64, 64),
+                                       (5, 1, 1)])
+def test_route_matches_float64_oracle(T, E, top_k, dtype):
+    test_route.test_matches_float64_oracle(T, E, top_k, dtype, "triton")
+
+
+def test_route_ties_go_to_the_lower_index():
+    test_route.test_ties_go_to_the_lower_index("triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("T,r", [(0, 8), (1, 16), (7, 1), (45, 8)])
+def test_lora_matches_float64_oracle(T, r, dtype):
+    test_lora_linear.check(test_lora_linear.make((T, 40), 24, r, dtype), 2.0, "triton", dtype)
+
+
+@pytest.mark.parametrize("variant", list(test_lora_linear.VARIANTS))
+def test_lora_variants(variant):
+    opts = dict(test_lora_linear.VARIANTS[variant])
+    shape = opts.pop("shape", (50, 40))
+    test_lora_linear.check(test_lora_linear.make(shape, 24, 8, torch.bfloat16, **opts), 0.5, "triton",
+                           torch.bfloat16)
+
+
+def test_lora_cublas_base(monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_BASE", "cublas")
+    test_lora_linear.check(test_lora_linear.make((33, 40), 24, 8, torch.float32), 0.5, "triton", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layers", [test_orthogonal_penalty.LAYERS, [(1, 1, 1)], [(20, 40, 33), (3, 5, 17)]],
+                         ids=["ragged", "tiny", "wide"])
+def test_penalty_matches_float64_oracle(layers, dtype):
+    test_orthogonal_penalty.test_matches_float64_oracle(layers, dtype, "triton")
+
+
+def test_penalty_frozen_base_gets_no_gradient():
+    base, orth = test_orthogonal_penalty.make(test_orthogonal_penalty.LAYERS, torch.float32, grad_base=False)
+    p = mk.orthogonal_penalty(base, orth, backend="triton")
+    grads = torch.autograd.grad(p, orth)
+    assert all(g.abs().sum() > 0 for g in grads) and all(b.grad is None for b in base)
+
+
+# ---------------------------------------------------------------------------------------------------- errors, dispatch
+
+def test_float64_is_refused_with_a_clear_error():
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"triton backend's lora_linear supports float16, bfloat16 and float32.*"
+                                        r"backend='torch'"):
+        mk.lora_linear(x, torch.randn(6, 8, dtype=torch.float64), None, torch.randn(2, 8, dtype=torch.float64),
+                       torch.randn(6, 2, dtype=torch.float64), scaling=1.0, backend="triton")
+    with pytest.raises(TypeError, match="route supports float16"):
+        mk.route(torch.randn(3, 4, dtype=torch.float64), 2, backend="triton")
+
+
+def test_auto_on_cuda_picks_triton_and_torch_for_float64():
+    """``auto`` for CUDA tensors: triton when it can run (resolution needs no GPU), torch for float64."""
+    from medcare_kernels.ops import lora_linear, molora_linear, orthogonal_penalty, route
+
+    cuda = torch.device("cuda")
+    for mod in (route, molora_linear, lora_linear, orthogonal_penalty):
+        assert be.resolve_backend("auto", cuda, mod._OP, choose=lambda av: mod._choose(av, torch.bfloat16)) == "triton"
+        assert mod._choose(["triton"], torch.float64) == "torch"
+        assert mod._choose(["cuda"], torch.float32) == "cuda"
+    assert be.resolve_backend("auto", torch.device("cpu"), "molora_linear", choose=lambda av: "triton") == "torch"
+
+
+def test_unavailable_reason_names_what_is_missing(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in be.backend_unavailable_reason("triton", "cpu")
+    assert be.backend_unavailable_reason("triton", "cuda") is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert "triton package is not installed" in be.backend_unavailable_reason("triton", "cuda")
+
+
+def test_importing_the_library_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, medcare_kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+def _gpu_molora_check(T, d_in, d_out, E, r, r_s, top_k, dtype):
+    """Triton on CUDA vs the float64 oracle on the CPU, forward and every gradient."""
+    names = test_molora_linear.NAMES
+    cpu = test_molora_linear.make(T, d_in, d_out, E, r, r_s, dtype)
+    gpu = _on(cpu, "cuda")
+    y, logits = mk.molora_linear(*[gpu[n] for n in names[:9]], top_k=top_k, scaling=2.0, backend="triton")
+    idx = test_molora_linear.library_indices(gpu, top_k, 2.0, "triton", logits.detach()).cpu()
+    ref = {n: oracle.leaf64(cpu[n]) for n in names}
+    y64, logits64, _ = oracle.molora(*[ref[n] for n in names[:9]], top_k, 2.0, indices=idx)
+    differs = (idx != oracle.route_indices(logits64.detach(), top_k)).any(1)
+    assert (oracle.topk_margin(logits64, top_k)[differs] < 1e-4).all()
+    assert_close(y.cpu(), y64, dtype, "y")
+    assert_close(logits.cpu(), logits64, torch.float32, "logits")
+    gy = torch.randn(y.shape).to(dtype)
+    got = grads_of([(y, gy.cuda())], [gpu[n] for n in names])
+    want = grads_of([(y64, gy.double())], [ref[n] for n in names])
+    for name, g, w, t in zip(names, got, want, [cpu[n] for n in names]):
+        if t is None or not t.requires_grad:
+            continue
+        assert_close(g.cpu(), w, dtype, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+@pytest.mark.parametrize("T", [1, 16, 300, 2048])
+def test_gpu_molora_larger_shapes(T, path, dtype, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_MOLORA_PATH", path)
+    _gpu_molora_check(T, 200, 312, 8, 16, 32, 2, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+def test_gpu_molora_qwen_like_width(base, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_BASE", base)
+    _gpu_molora_check(512, 896, 1216, 8, 16, 32, 2, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_with_triton(monkeypatch):
+    from tests.test_custom_ops import Tiny
+
+    monkeypatch.setenv("MEDCARE_BACKEND", "triton")
+    model = Tiny().cuda()
+    x = torch.randn(2, 5, 16, device="cuda")
+    eager = model(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager_grads = torch.autograd.grad(eager, params)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out, params)
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.gpu
+def test_gpu_penalty_and_lora_larger():
+    base = [torch.randn(32, d, device="cuda") for d in (896, 4864, 896)]
+    orth = [torch.randn(32, d, device="cuda", requires_grad=True) for d in (896, 4864, 896)]
+    p = mk.orthogonal_penalty(base, orth, backend="triton")
+    p64 = oracle.orthogonal_penalty([b.cpu() for b in base], [o.detach().cpu() for o in orth])
+    assert_close(p.cpu(), p64, torch.float32, "penalty")
+    inp = test_lora_linear.make((1000, 896), 1216, 16, torch.bfloat16)
+    gpu = _on(inp, "cuda")
+    y = mk.lora_linear(gpu["x"], gpu["weight"], gpu["bias"], gpu["lora_A"], gpu["lora_B"], scaling=2.0,
+                       backend="triton")
+    y64 = oracle.lora(*[oracle.leaf64(inp[n]) for n in ("x", "weight", "bias", "lora_A", "lora_B")], 2.0)
+    assert_close(y.cpu(), y64, torch.bfloat16, "y")
