@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench bench-suite venv clean
+.PHONY: test demo bench bench-suite venv clean triton-compile-check
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: $(STAMP)
 ## pytest-benchmark suites (statistics, comparison between runs).
 bench-suite: $(STAMP)
 	$(PYTHON) -m pytest benchmarks --benchmark-only
+
+## Compile every Triton kernel and autotune config to sm_90 and sm_80 cubins (no GPU needed; minutes).
+triton-compile-check: $(STAMP)
+	env -u TRITON_INTERPRET $(PYTHON) -m medcare_kernels.triton._compile_check --arch 90 80
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

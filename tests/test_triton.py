@@ -219,7 +219,7 @@ def _gpu_molora_check(T, d_in, d_out, E, r, r_s, top_k, dtype):
     ref = {n: oracle.leaf64(cpu[n]) for n in names}
     y64, logits64, _ = oracle.molora(*[ref[n] for n in names[:9]], top_k, 2.0, indices=idx)
     differs = (idx != oracle.route_indices(logits64.detach(), top_k)).any(1)
-    assert (oracle.topk_margin(logits64, top_k)[differs] < 1e-4).all()
+    assert (oracle.order_margin(logits64, top_k)[differs] < 1e-4).all()
     assert_close(y.cpu(), y64, dtype, "y")
     assert_close(logits.cpu(), logits64, torch.float32, "logits")
     gy = torch.randn(y.shape).to(dtype)

@@ -40,7 +40,8 @@ _RED_CONFIGS = [cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk) for bm, bn, bk, w,
 _RED_INTERP = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
 
 
-@autotune(_EXT_CONFIGS, _EXT_INTERP, key=["M_BUCKET", "N", "K0", "E", "R", "RS", "NL", "BASE", "ACC", "SKIP"],
+@autotune(_EXT_CONFIGS, _EXT_INTERP, key=["M_BUCKET", "N", "K0", "s_b0k", "E", "R", "RS", "NL", "BASE", "ACC",
+                                                "SKIP"],
           restore_value=["c_ptr"])
 @triton.jit
 def _ext_gemm_kernel(a0_ptr, b0_ptr, bias_ptr, hz_ptr, br_ptr, bs_ptr, hl_ptr, bl_ptr, idx_ptr, c_ptr,
