@@ -133,13 +133,16 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
         if need_lx:
             d_lx = torch.empty_like(lora_x)
             ext_gemm(d_lx, **lora)
-        if need_a or need_as:
-            ga = token_reduce(dz, lx)
+        with_router = need_wr and lora_x is None  # dZ's last columns hold d_logits: one pass over x
+        if need_a or need_as or with_router:
+            ga = token_reduce(dz[:, : L.W + (E if with_router else 0)], lx)
             if need_a:
                 d_A = ga[: L.WR].view(L.E_R, L.R_PAD, d_in)[:E, :r].to(lora_A.dtype)
             if need_as and r_s:
                 d_As = ga[L.WR: L.WR + r_s].to(shared_A.dtype)
-        if need_wr:
+            if with_router:
+                d_wr = ga[L.W: L.W + E].to(router_weight.dtype)
+        if need_wr and not with_router:
             d_wr = token_reduce(dl, x).to(router_weight.dtype)
         if need_br:
             d_br = dl.sum(0).to(router_weight.dtype)

@@ -13,9 +13,9 @@ epilogue gathers each slot's ``dh``, forms the gate-weight gradients ``s * <dh_j
 through the renormalisation and the softmax (the router's logit gradient), and writes ``dZ`` (the
 gated rank-space gradient, unchosen experts exactly zero) and ``H`` again (recomputed from ``z``).
 
-Layout of ``H``/``dZ`` [T, W]: expert ``e``'s rank column ``c`` at ``e * R_PAD + c`` (``R_PAD`` = r
+Layout of ``H`` [T, W] / ``dZ`` [T, WZ]: expert ``e``'s rank column ``c`` at ``e * R_PAD + c`` (``R_PAD`` = r
 rounded up to a power of two, experts padded to ``E_R``), then the shared columns at ``E_R * R_PAD``.
-Padding columns hold exact zeros.
+Padding columns hold exact zeros. ``dZ`` appends the router's logit gradient.
 
 Split-K: with few token blocks (decode) the reduction is split into ``SPLIT`` slices that write float32
 partials; a second small kernel sums them and runs the same epilogue. The split and the token block
@@ -72,6 +72,11 @@ class Layout:
         return self.WR + (self.RS_PAD if self.RS else 0)
 
     @property
+    def WZ(self) -> int:
+        """Width of dZ: H's columns, then (routed layouts) d_logits in ``EL`` columns."""
+        return self.W + (self.EL if self.routed else 0)
+
+    @property
     def EL(self) -> int:
         return pow2(self.E, 16)
 
@@ -85,7 +90,8 @@ def _block_t(T: int) -> int:
     from medcare_kernels.triton._common import INTERPRET
     if INTERPRET:
         return 16
-    return 16 if T <= 16 else 32 if T <= 32 else 64
+    # Larger token blocks re-read the (small) rank-space weights from L2 fewer times at prefill sizes.
+    return 16 if T <= 16 else 32 if T <= 32 else 64 if T < 8192 else 128
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def shrink_forward(x, lora_x, lora_A, shared_A, router_weight, router_bias, layo
 @triton.jit
 def _bwd_epilogue(acc_r, acc_s, rt, tmask,
                   logits_ptr, idx_ptr, z_ptr, gl_ptr, dz_ptr, h_ptr, dl_ptr,
-                  E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W,
+                  E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, WZ,
                   E_R: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr, WR: tl.constexpr,
                   ROUTED: tl.constexpr, SHARED: tl.constexpr, HAS_GL: tl.constexpr, BLOCK_T: tl.constexpr):
     rt64 = rt.to(tl.int64)
@@ -314,7 +320,7 @@ def _bwd_epilogue(acc_r, acc_s, rt, tmask,
         s = tl.where(s > 0.0, s, 1.0)
         gate = (tl.where(chosen, p / s[:, None], 0.0) * scaling)[:, :, None]
         cw = tl.arange(0, E_R * R_PAD)
-        tl.store(dz_ptr + rt64[:, None] * W + cw[None, :],
+        tl.store(dz_ptr + rt64[:, None] * WZ + cw[None, :],
                  tl.reshape(dh3 * gate, (BLOCK_T, E_R * R_PAD)).to(dz_ptr.dtype.element_ty), mask=tmask[:, None])
         tl.store(h_ptr + rt64[:, None] * W + cw[None, :],
                  tl.reshape(z3 * gate, (BLOCK_T, E_R * R_PAD)).to(h_ptr.dtype.element_ty), mask=tmask[:, None])
@@ -322,11 +328,13 @@ def _bwd_epilogue(acc_r, acc_s, rt, tmask,
         if HAS_GL:
             dl += tl.load(gl_ptr + rt64[:, None] * E + ce[None, :], mask=tmask[:, None] & valid[None, :], other=0.0)
         tl.store(dl_ptr + rt64[:, None] * E + ce[None, :], dl, mask=tmask[:, None] & valid[None, :])
+        tl.store(dz_ptr + rt64[:, None] * WZ + W + ce[None, :], dl.to(dz_ptr.dtype.element_ty),
+                 mask=tmask[:, None] & valid[None, :])
     if SHARED:
         cs = tl.arange(0, RS_PAD)
         zs = tl.load(z_ptr + rt64[:, None] * s_zt + Z_SHARED + cs[None, :], mask=tmask[:, None] & (cs < RS)[None, :],
                      other=0.0)
-        tl.store(dz_ptr + rt64[:, None] * W + WR + cs[None, :], (acc_s * scaling).to(dz_ptr.dtype.element_ty),
+        tl.store(dz_ptr + rt64[:, None] * WZ + WR + cs[None, :], (acc_s * scaling).to(dz_ptr.dtype.element_ty),
                  mask=tmask[:, None])
         tl.store(h_ptr + rt64[:, None] * W + WR + cs[None, :], (zs * scaling).to(h_ptr.dtype.element_ty),
                  mask=tmask[:, None])
@@ -335,7 +343,7 @@ def _bwd_epilogue(acc_r, acc_s, rt, tmask,
 @autotune(_CONFIGS, _INTERP_CFG, key=["D", "T_BUCKET", "E", "R", "RS", "SPLIT", "ROUTED", "SHARED"])
 @triton.jit
 def _shrink_bwd_kernel(dy_ptr, b_ptr, bs_ptr, logits_ptr, idx_ptr, z_ptr, gl_ptr, dz_ptr, h_ptr, dl_ptr, ws_ptr,
-                       T, D, E, R, RS, TOPK, scaling, T_BUCKET, s_dyt, s_zt, Z_SHARED, W, WS,
+                       T, D, E, R, RS, TOPK, scaling, T_BUCKET, s_dyt, s_zt, Z_SHARED, W, WZ, WS,
                        E_R: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr, WR: tl.constexpr, EL: tl.constexpr,
                        ROUTED: tl.constexpr, SHARED: tl.constexpr, HAS_GL: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -375,13 +383,13 @@ def _shrink_bwd_kernel(dy_ptr, b_ptr, bs_ptr, logits_ptr, idx_ptr, z_ptr, gl_ptr
             tl.store(base + E_R * R_PAD + cs[None, :], acc_s, mask=tmask[:, None])
     else:
         _bwd_epilogue(acc_r, acc_s, rt, tmask, logits_ptr, idx_ptr, z_ptr, gl_ptr, dz_ptr, h_ptr, dl_ptr,
-                      E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, E_R, R_PAD, RS_PAD, WR, ROUTED, SHARED, HAS_GL,
+                      E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, WZ, E_R, R_PAD, RS_PAD, WR, ROUTED, SHARED, HAS_GL,
                       BLOCK_T)
 
 
 @triton.jit
 def _shrink_bwd_reduce_kernel(logits_ptr, idx_ptr, z_ptr, gl_ptr, dz_ptr, h_ptr, dl_ptr, ws_ptr,
-                              T, E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, WS, SPLIT,
+                              T, E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, WZ, WS, SPLIT,
                               E_R: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr, WR: tl.constexpr,
                               ROUTED: tl.constexpr, SHARED: tl.constexpr, HAS_GL: tl.constexpr,
                               BLOCK_T: tl.constexpr):
@@ -390,13 +398,16 @@ def _shrink_bwd_reduce_kernel(logits_ptr, idx_ptr, z_ptr, gl_ptr, dz_ptr, h_ptr,
     acc_r = _load_partials(ws_ptr, rt, tmask, T, WS, SPLIT, 0, E_R * R_PAD, ROUTED, BLOCK_T)
     acc_s = _load_partials(ws_ptr, rt, tmask, T, WS, SPLIT, E_R * R_PAD, RS_PAD, SHARED, BLOCK_T)
     _bwd_epilogue(acc_r, acc_s, rt, tmask, logits_ptr, idx_ptr, z_ptr, gl_ptr, dz_ptr, h_ptr, dl_ptr,
-                  E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, E_R, R_PAD, RS_PAD, WR, ROUTED, SHARED, HAS_GL, BLOCK_T)
+                  E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, WZ, E_R, R_PAD, RS_PAD, WR, ROUTED, SHARED, HAS_GL,
+                  BLOCK_T)
 
 
 def shrink_backward(grad_y, lora_B, shared_B, logits, indices, z, grad_logits, layout: Layout, scaling: float,
                     dz_dtype: torch.dtype):
-    """``dy @ [B_all | B_s]`` with the routing backward fused: returns ``(dZ [T, W], H [T, W] (both
-    ``dz_dtype``), d_logits [T, E] float32 | None)``. ``d_logits`` includes ``grad_logits`` when given.
+    """``dy @ [B_all | B_s]`` with the routing backward fused: returns ``(dZ [T, WZ], H [T, W] (both
+    ``dz_dtype``), d_logits [T, E] float32 | None)``. ``d_logits`` includes ``grad_logits`` when given;
+    a routed layout also stores it (in ``dz_dtype``) in dZ's last ``EL`` columns, so that one token
+    reduction over ``x`` gives ``dA``, ``dA_s`` and ``dW_r`` together.
 
     ``lora_B`` [E, d_out, r] is read only when ``layout.routed``; for a plain LoRA pass ``logits`` None
     and the LoRA's B as ``shared_B`` (``z`` is then [T, r]).
@@ -404,7 +415,7 @@ def shrink_backward(grad_y, lora_B, shared_B, logits, indices, z, grad_logits, l
     T, D = grad_y.shape
     L = layout
     dev = grad_y.device
-    dz = torch.empty(T, L.W, dtype=dz_dtype, device=dev)
+    dz = torch.empty(T, L.WZ, dtype=dz_dtype, device=dev)
     h = torch.empty(T, L.W, dtype=dz_dtype, device=dev)
     dl = torch.empty(T, L.E, dtype=torch.float32, device=dev) if L.routed else None
     if T == 0:
@@ -421,9 +432,9 @@ def shrink_backward(grad_y, lora_B, shared_B, logits, indices, z, grad_logits, l
             grad_logits if grad_logits is not None else dummy, dz, h, dl if dl is not None else dummy)
     _shrink_bwd_kernel[(tiles, split)](
         grad_y, lora_B if L.routed else dummy, shared_B if L.RS else dummy, *ptrs, ws,
-        T, D, L.E, L.R, L.RS, L.K, scaling, bucket(T), grad_y.stride(0), z.stride(0), z_shared, L.W, L.WS,
+        T, D, L.E, L.R, L.RS, L.K, scaling, bucket(T), grad_y.stride(0), z.stride(0), z_shared, L.W, L.WZ, L.WS,
         EL=L.EL, SPLIT=split, **args)
     if split > 1:
         _shrink_bwd_reduce_kernel[(tiles,)](*ptrs, ws, T, L.E, L.R, L.RS, L.K, scaling, z.stride(0), z_shared,
-                                            L.W, L.WS, split, **args)
+                                            L.W, L.WZ, L.WS, split, **args)
     return dz, h, dl
