@@ -18,13 +18,31 @@ import medcare_kernels.backends as be
 from tests import oracle, test_lora_linear, test_molora_linear, test_orthogonal_penalty, test_route
 from tests.conftest import assert_close, grads_of
 
-pytestmark = pytest.mark.skipif(
-    "triton" not in mk.available_backends(), reason=f"triton backend unavailable: "
-    f"{be.backend_unavailable_reason('triton')}")
+ON_GPU = torch.cuda.is_available()
+
+
+def _interpreter_too_old() -> str | None:
+    """Triton < 3.8's CPU interpreter converts 1-element arrays to loop bounds with ``int()``, which
+    numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"); compiled GPU runs are fine."""
+    if ON_GPU or os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return None
+    import numpy
+    import triton
+
+    def version(v):
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2])
+    if version(triton.__version__) < (3, 8) and version(numpy.__version__) >= (2, 4):
+        return f"triton {triton.__version__}'s interpreter needs numpy < 2.4 (have {numpy.__version__})"
+    return None
+
+
+_SKIP = None if "triton" in mk.available_backends() else \
+    f"triton backend unavailable: {be.backend_unavailable_reason('triton')}"
+_SKIP = _SKIP or _interpreter_too_old()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 DTYPES = [torch.float32, torch.bfloat16]
 DT_IDS = ["float32", "bfloat16"]
-ON_GPU = torch.cuda.is_available()
 
 
 def _on(inp, device):
@@ -83,8 +101,8 @@ def test_skewed_routing_idle_experts_get_exact_zero_grads(path, dtype, monkeypat
     inp = test_molora_linear.make(37, 32, 24, E, 4, 8, dtype)
     with torch.no_grad():
         inp["router_bias"].zero_()
-        inp["router_bias"][5] = 100.0  # experts 5 and (per token) one other take every token
-        inp["router_bias"][2] = 90.0
+        inp["router_bias"][5] = 50.0  # experts 5 and 2 take every token; the others idle (p ~ e^-49).
+        inp["router_bias"][2] = 49.5  # Close biases keep the router gradient well conditioned in fp32.
     test_molora_linear.check(inp, top_k, 1.0, "triton", None, dtype, monkeypatch)
     names = test_molora_linear.NAMES[:9]
     y, _ = mk.molora_linear(*[inp[n] for n in names], top_k=top_k, scaling=1.0, backend="triton")

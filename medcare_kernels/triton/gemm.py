@@ -180,13 +180,12 @@ def _token_reduce_kernel(p_ptr, q_ptr, c_ptr, M, N, K, K_BUCKET, s_pk, s_qk, s_c
     mmask = rm < M
     nmask = rn < N
     ck = tl.arange(0, BLOCK_K)
-    per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+    per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K  # this program's slice of the tokens
     k_lo = pid_s * per
-    k_hi = tl.minimum(k_lo + per, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(k_lo, k_lo + per, BLOCK_K):
         kk = (k0 + ck).to(tl.int64)
-        kv = kk < k_hi
+        kv = kk < K
         p = tl.load(p_ptr + kk[None, :] * s_pk + rm[:, None], mask=mmask[:, None] & kv[None, :], other=0.0)
         q = tl.load(q_ptr + kk[:, None] * s_qk + rn[None, :], mask=kv[:, None] & nmask[None, :], other=0.0)
         acc = mma(p, q, acc)

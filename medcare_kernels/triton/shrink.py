@@ -166,9 +166,8 @@ def _shrink_fwd_kernel(x_ptr, lx_ptr, a_ptr, as_ptr, wr_ptr, br_ptr,
     tmask = rt < T
     rt64 = rt.to(tl.int64)
     ck = tl.arange(0, BLOCK_K)
-    per = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT) * BLOCK_K
+    per = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT) * BLOCK_K  # this program's slice of the reduction
     k_lo = pid_k * per
-    k_hi = tl.minimum(k_lo + per, D)
 
     nr = tl.arange(0, E_R * R_PAD)
     er = nr // R_PAD
@@ -180,9 +179,9 @@ def _shrink_fwd_kernel(x_ptr, lx_ptr, a_ptr, as_ptr, wr_ptr, br_ptr,
     acc_r = tl.zeros((BLOCK_T, E_R * R_PAD), tl.float32)
     acc_s = tl.zeros((BLOCK_T, RS_PAD), tl.float32)
     acc_l = tl.zeros((BLOCK_T, EL), tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(k_lo, k_lo + per, BLOCK_K):
         kk = k0 + ck
-        kv = kk < k_hi
+        kv = kk < D
         lxt = tl.load(lx_ptr + rt64[:, None] * s_lxt + kk[None, :], mask=tmask[:, None] & kv[None, :], other=0.0)
         if ROUTED:
             at = tl.load(a_ptr + a_off[None, :] + kk[:, None], mask=kv[:, None] & a_val[None, :], other=0.0)
@@ -353,9 +352,8 @@ def _shrink_bwd_kernel(dy_ptr, b_ptr, bs_ptr, logits_ptr, idx_ptr, z_ptr, gl_ptr
     tmask = rt < T
     rt64 = rt.to(tl.int64)
     ck = tl.arange(0, BLOCK_K)
-    per = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT) * BLOCK_K
+    per = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT) * BLOCK_K  # this program's slice of the reduction
     k_lo = pid_k * per
-    k_hi = tl.minimum(k_lo + per, D)
     # B_all [E, d_out, r] read as [d_out, (e, c)]; B_s [d_out, r_s].
     nr = tl.arange(0, E_R * R_PAD)
     er = nr // R_PAD
@@ -365,9 +363,9 @@ def _shrink_bwd_kernel(dy_ptr, b_ptr, bs_ptr, logits_ptr, idx_ptr, z_ptr, gl_ptr
     cs = tl.arange(0, RS_PAD)
     acc_r = tl.zeros((BLOCK_T, E_R * R_PAD), tl.float32)
     acc_s = tl.zeros((BLOCK_T, RS_PAD), tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(k_lo, k_lo + per, BLOCK_K):
         kk = k0 + ck
-        kv = kk < k_hi
+        kv = kk < D
         dyt = tl.load(dy_ptr + rt64[:, None] * s_dyt + kk[None, :], mask=tmask[:, None] & kv[None, :], other=0.0)
         if ROUTED:
             bt = tl.load(b_ptr + b_off[None, :] + kk[:, None] * R, mask=kv[:, None] & b_val[None, :], other=0.0)
