@@ -5,6 +5,8 @@
 few with ``--quick``) through TTIR/TTGIR/LLVM/PTX to a cubin with triton's bundled ``ptxas``. It
 catches what the CPU interpreter cannot: constructs that do not lower, bad layouts, shared-memory
 overflows of a config. Run it with ``TRITON_INTERPRET`` unset (the interpreter replaces the kernels).
+Integer arguments are compiled unspecialised (a launch specialises strides equal to 1 and may then
+pipeline deeper), so the shared-memory figures it prints are lower bounds.
 """
 
 from __future__ import annotations
