@@ -25,7 +25,7 @@ GPU_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),$(PY))
 # Where gpu-check writes its results: $OUT when set (the GPU runner collects it), else benchmarks/results.
 OUT_DIR ?= $(if $(OUT),$(OUT),benchmarks/results)
 
-.PHONY: test demo bench bench-suite venv ext wheel gpu-check clean
+.PHONY: test demo bench bench-suite venv ext wheel gpu-check clean triton-compile-check
 
 venv: $(STAMP)
 
@@ -85,6 +85,10 @@ bench: $(STAMP)
 ## pytest-benchmark suites (statistics, comparison between runs).
 bench-suite: $(STAMP)
 	$(PYTHON) -m pytest benchmarks --benchmark-only
+
+## Compile every Triton kernel and autotune config to sm_90 and sm_80 cubins (no GPU needed; minutes).
+triton-compile-check: $(STAMP)
+	env -u TRITON_INTERPRET $(PYTHON) -m medcare_kernels.triton._compile_check --arch 90 80
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks medcare_kernels/_C*.so

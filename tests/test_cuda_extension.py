@@ -273,22 +273,36 @@ def gpu_here(monkeypatch):
 def test_auto_choices_on_cuda(gpu_here):
     dev = torch.device("cuda")
     gpu_here({"cuda"})
-    assert be.resolve_backend("auto", dev, "route", choose=route_op._choose) == "cuda"
-    assert be.resolve_backend("auto", dev, "orthogonal_penalty", choose=penalty_op._choose) == "cuda"
+    f32 = torch.float32
+
+    def route_choice(available):
+        return be.pick_fast(available, f32, route_op._FAST)
+    assert be.resolve_backend("auto", dev, "route", choose=route_choice) == "cuda"
+    assert be.resolve_backend("auto", dev, "orthogonal_penalty",
+                              choose=lambda a: be.pick_fast(a, f32, penalty_op._FAST)) == "cuda"
+    x = torch.randn(1, 4)
     for tokens, want in ((1, "cuda"), (64, "cuda"), (65, "torch"), (4096, "torch")):
-        got = be.resolve_backend("auto", dev, "molora_linear", choose=lambda a, t=tokens: molora_op._choose(a, t))
+        got = be.resolve_backend("auto", dev, "molora_linear",
+                                 choose=lambda a, t=tokens: be.pick_fast(a, f32, molora_op._fast_order(t, x)))
         assert got == want, tokens
-    assert be.resolve_backend("auto", torch.device("cpu"), "route", choose=route_op._choose) == "torch"
+    assert be.resolve_backend("auto", torch.device("cpu"), "route", choose=route_choice) == "torch"
     gpu_here(set())
-    assert be.resolve_backend("auto", dev, "route", choose=route_op._choose) == "torch"
-    assert molora_op._choose([], 1) == "torch"
+    assert be.resolve_backend("auto", dev, "route", choose=route_choice) == "torch"
+    assert be.pick_fast([], f32, molora_op._fast_order(1, x)) == "torch"
 
 
-def test_auto_prefers_triton_for_molora_prefill():
-    assert molora_op._choose(["cuda", "triton"], 4096) == "triton"
-    assert molora_op._choose(["cuda", "triton"], 16) == "cuda"
-    assert molora_op._choose(["triton"], 16) == "triton"
-    assert route_op._choose(["triton"]) == "triton" and penalty_op._choose(["cuda", "triton"]) == "cuda"
+def test_auto_prefers_triton_for_molora_prefill_and_training():
+    both, f32 = ["cuda", "triton"], torch.float32
+    x, trainable = torch.randn(1, 4), torch.randn(1, 4, requires_grad=True)
+    assert be.pick_fast(both, f32, molora_op._fast_order(4096, x)) == "triton"
+    assert be.pick_fast(both, f32, molora_op._fast_order(16, x)) == "cuda"
+    assert be.pick_fast(both, f32, molora_op._fast_order(16, x, trainable)) == "triton", "decode kernels are forward-only"
+    with torch.no_grad():
+        assert be.pick_fast(both, f32, molora_op._fast_order(16, x, trainable)) == "cuda"
+    assert be.pick_fast(["triton"], f32, molora_op._fast_order(16, x)) == "triton"
+    assert be.pick_fast(both, torch.float64, route_op._FAST) == "torch"
+    assert be.pick_fast(["triton"], f32, route_op._FAST) == "triton"
+    assert be.pick_fast(both, f32, penalty_op._FAST) == "cuda"
 
 
 # ------------------------------------------------------------------------------------------------

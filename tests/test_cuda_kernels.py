@@ -290,8 +290,9 @@ def test_auto_picks_cuda_where_documented():
     assert "cuda" in mk.available_backends()
     dev = torch.device(DEV)
     fast = [b for b in ("cuda", "triton") if be.backend_unavailable_reason(b, dev) is None]
-    assert route_op._choose(fast) == "cuda"
-    assert be.resolve_backend("auto", dev, "route", choose=route_op._choose) == "cuda"
+    assert be.pick_fast(fast, torch.float32, route_op._FAST) == "cuda"
+    assert be.resolve_backend("auto", dev, "route",
+                              choose=lambda a: be.pick_fast(a, torch.float32, route_op._FAST)) == "cuda"
 
 
 def test_torch_compile_fullgraph_with_the_cuda_backend():

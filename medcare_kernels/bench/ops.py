@@ -1,6 +1,6 @@
 """Per-op benchmarks: every backend that can run on the device, for ``route``, ``orthogonal_penalty`` and
 the ``molora_linear`` decode path (inference: few tokens, no gradient). These are the numbers that
-``backend="auto"``'s per-op choices (the ``_choose`` functions in :mod:`medcare_kernels.ops`) rest on.
+``backend="auto"``'s per-op choices (``_FAST`` / ``_fast_order`` in :mod:`medcare_kernels.ops`) rest on.
 
 ``python -m medcare_kernels.bench.ops [--device cuda] [--dtype bfloat16] [--quick] [--json FILE]``
 """
