@@ -85,20 +85,28 @@ def train_flags(output_dir: str, model_dir: str, data: str, stage: int, *, per_d
 
 
 def run_driver(flags: list[str], *, nproc: int, record: str, timeout: float = 240.0, driver_flags=(),
-               expect_rc: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node nproc driver.py`` (gloo on CPU; plain ``python`` for one process), killed
-    as a group after ``timeout``. ``--fsdp``/``--deepspeed`` runs get the driver's CPU set-up flags.
+               expect_rc: int = 0, env: dict | None = None,
+               accelerate_config: str | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node nproc driver.py`` (gloo on CPU; plain ``python`` for one process; or
+    ``accelerate launch --config_file accelerate_config``), killed as a group after ``timeout``. FSDP and
+    DeepSpeed runs get the driver's CPU set-up flags.
 
     A hang (e.g. a DDP reduction waiting for a gradient that never comes) fails the test at the timeout.
     """
     driver_flags = list(driver_flags)
-    if "--fsdp" in flags:
+    if "--fsdp" in flags or accelerate_config:
         driver_flags.append("--cpu_fsdp")
     if "--deepspeed" in flags:
         driver_flags.append("--cpu_deepspeed")
         flags = [*flags, "--accelerator_config", '{"use_configured_state": true}']
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0"]
+    if accelerate_config:  # the config's own settings, in float32 (CPU) and with nproc processes
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                    "--num_processes", str(nproc), "--mixed_precision", "no"]
+    elif nproc == 1:
+        launcher = [sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "--max_restarts=0"]
     cmd = [*launcher, DRIVER, "--record", record, *driver_flags, "--", *flags]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", **(env or {})}

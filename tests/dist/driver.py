@@ -123,8 +123,12 @@ def main() -> None:
         # CPU only: accelerate sets DeepSpeed up with a communication backend only for accelerators
         # (CUDA, XPU, ...); without one it would run every rank on the whole data (one process to it). Set
         # the state up with gloo first; the run passes --accelerator_config '{"use_configured_state": true}'.
+        import deepspeed.comm.torch  # noqa: F401
         from accelerate.state import PartialState
 
+        # and no JIT build of DeepSpeed's CPU shared-memory collective (about 100 s of C++ compiling on a
+        # fresh machine): gloo carries every collective
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # (deepspeed.comm.torch is torch)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
         del os.environ["ACCELERATE_USE_DEEPSPEED"]

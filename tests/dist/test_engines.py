@@ -55,11 +55,12 @@ def ws(tmp_path_factory):
 
         @classmethod
         def run(cls, name: str, stage: int, nproc: int, extra=(), driver_flags=(), expect_rc: int = 0,
-                steps: int = STEPS) -> str:
+                accelerate_config: str | None = None) -> str:
             out = cls.out(name)
-            flags = train_flags(out, cls.model, cls.data, stage, per_device=4 // nproc, steps=steps,
+            flags = train_flags(out, cls.model, cls.data, stage, per_device=4 // nproc, steps=STEPS,
                                 extra=list(extra))
-            run_driver(flags, nproc=nproc, record=out, driver_flags=("--skew", *driver_flags), expect_rc=expect_rc)
+            run_driver(flags, nproc=nproc, record=out, driver_flags=("--skew", *driver_flags), expect_rc=expect_rc,
+                       accelerate_config=accelerate_config)
             return out
 
     return Workspace
@@ -147,7 +148,8 @@ def test_ddp_kill_and_resume_matches_uninterrupted_run(ws, ddp1):
 # ---- FSDP2 --------------------------------------------------------------------------------------------
 
 def test_fsdp2_stage1_matches_one_process(ws, ref1):
-    out = ws.run("fsdp1", 1, 2, FSDP_FLAGS)
+    """``accelerate launch --config_file configs/fsdp2_accelerate.yaml`` (the shipped config, in float32)."""
+    out = ws.run("fsdp1", 1, 2, accelerate_config=os.path.join(ROOT, "configs", "fsdp2_accelerate.yaml"))
     info = trained_param(out)
     assert info["type"] == "DTensor" and info["local_numel"] < info["full_numel"], info  # really sharded
     assert_skewed(out)
@@ -155,6 +157,7 @@ def test_fsdp2_stage1_matches_one_process(ws, ref1):
 
 
 def test_fsdp2_stage2_matches_one_process(ws, ref1, ref2):
+    """The Trainer's own FSDP options: ``--fsdp --fsdp_config configs/fsdp2.json``."""
     out = ws.run("fsdp2", 2, 2, ["--from_stage1", ref1, *FSDP_FLAGS])
     info = trained_param(out)
     assert info["type"] == "DTensor" and info["local_numel"] < info["full_numel"], info
