@@ -1,6 +1,7 @@
 """Launched by the distributed tests (``torchrun ... tests/dist/driver.py [driver flags] -- <train flags>``).
 
-Runs ``examples/train.py`` (what ``medcare train`` does) and records, per rank, what the tests compare:
+Runs ``examples/train.py`` (what ``medcare train`` does; once the command line exists, its entry point
+can take the place of ``train.main`` here if it accepts ``callbacks`` and a model hook) and records, per rank, what the tests compare:
 the Trainer's log history, the expert token counts of the first MoLoRA layer per step, and optionally
 stops every process hard (``os._exit``) right after the checkpoint of step N (``--kill_at N``).
 

@@ -128,21 +128,27 @@ def test_ddp_stage2_matches_one_process(ws, ref1, ref2):
     assert pen[-1] < pen[0]  # the penalty trains
 
 
-def test_ddp_kill_and_resume_matches_uninterrupted_run(ws, ddp1):
-    """Stop both processes hard right after the step-2 checkpoint, resume from it, finish: same adapter."""
-    extra = ["--save_strategy", "steps", "--save_steps", "2"]
-    out = ws.run("resume1", 1, 2, extra, driver_flags=("--kill_at", "2"), expect_rc=1)
+def kill_and_resume(ws, name: str, extra=()) -> str:
+    """Stop both processes hard right after the step-2 checkpoint, then resume from it and finish."""
+    extra = [*extra, "--save_strategy", "steps", "--save_steps", "2"]
+    out = ws.run(name, 1, 2, extra, driver_flags=("--kill_at", "2"), expect_rc=1)
     ckpt = os.path.join(out, "checkpoint-2")
     assert os.path.isfile(os.path.join(ckpt, "adapter.safetensors"))
     assert not os.path.exists(os.path.join(out, "adapter.safetensors"))  # it did stop before the end
-    ws.run("resume1", 1, 2, [*extra, "--resume_from_checkpoint", ckpt])
+    assert read_record(out)["global_step"] == 2
+    ws.run(name, 1, 2, [*extra, "--resume_from_checkpoint", ckpt])
+    assert len(step_logs(read_record(out), "loss")) == STEPS  # steps 1-2 from the checkpoint's state, 3-4 run
+    return out
+
+
+def test_ddp_kill_and_resume_matches_uninterrupted_run(ws, ddp1):
+    out = kill_and_resume(ws, "resume_ddp")
     got, want = read_adapter_tensors(out), read_adapter_tensors(ddp1)
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
-    # the resumed process ran steps 3 and 4 only, with the uninterrupted run's losses
-    resumed = step_logs(read_record(out), "loss")
-    torch.testing.assert_close(torch.tensor(resumed[-2:]), torch.tensor(step_logs(read_record(ddp1), "loss")[-2:]))
+    torch.testing.assert_close(torch.tensor(step_logs(read_record(out), "loss")),
+                               torch.tensor(step_logs(read_record(ddp1), "loss")))
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------------------
@@ -162,6 +168,17 @@ def test_fsdp2_stage2_matches_one_process(ws, ref1, ref2):
     info = trained_param(out)
     assert info["type"] == "DTensor" and info["local_numel"] < info["full_numel"], info
     assert_same_run(out, ref2, ("loss", "orth_penalty", "grad_norm"))
+
+
+def test_fsdp2_kill_and_resume_matches_one_process(ws, ref1):
+    """Resuming loads the adapter into the sharded parameters (each rank its shard) and FSDP's optimizer."""
+    out = kill_and_resume(ws, "resume_fsdp", FSDP_FLAGS)
+    got, want = read_adapter_tensors(out), read_adapter_tensors(ref1)
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=2e-5, msg=k)
+    torch.testing.assert_close(torch.tensor(step_logs(read_record(out), "loss")),
+                               torch.tensor(step_logs(read_record(ref1), "loss")), rtol=1e-5, atol=1e-6)
 
 
 # ---- DeepSpeed ZeRO-3 ---------------------------------------------------------------------------------
