@@ -49,6 +49,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from medcare.config import MedCareConfig
+from medcare.distributed import copy_full_, full_params, gathered, param_shape
+from medcare.distributed import is_main_process as _is_main
 from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear
 from medcare.stages import _WRAPPERS, _refresh_cache, fold_recorded, merged_records, model_stage
 
@@ -119,12 +121,17 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareConfig | None = None,
-                 base_model_name: str | None = None) -> Path:
+                 base_model_name: str | None = None, is_main_process: bool | None = None) -> Path:
     """Write the model's MedCare adapter to the directory ``path`` (created if needed); returns it.
 
     Saves every wrapper's adapter tensors (frozen ones included: a stage-2 adapter carries its base LoRA)
     and every attention LoRA already folded into the base weights. ``config`` defaults to
     ``model.medcare_config``; ``base_model_name`` to ``model.config._name_or_path``. Atomic per file.
+
+    Distributed: only the main process writes (``is_main_process``, default: rank 0 of the default process
+    group, or True without one). Sharded parameters (FSDP2, ZeRO-3) are gathered to full tensors first,
+    which is a collective: then call it on every rank (``MedCareTrainer`` does). Under DDP any rank may
+    call it alone.
     """
     config = config if config is not None else getattr(model, "medcare_config", None)
     if config is not None and not isinstance(config, MedCareConfig):
@@ -146,7 +153,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareCo
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = A, B
     if not modules:
         raise ValueError("the model holds no MedCare layers to save: call apply_stage1 or to_stage2 first")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    names = list(tensors)
+    with torch.no_grad():
+        full = full_params([tensors[k] for k in names])
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in zip(names, full)}
+    if not (is_main_process if is_main_process is not None else _is_main()):
+        return Path(path)
     from medcare_kernels import __version__
 
     meta = {
@@ -263,8 +275,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
     def want(param: Tensor, name: str, key: str) -> None:
         t = tensors[f"{name}.{key}"]
-        if tuple(t.shape) != tuple(param.shape):
-            problems.append(f"{name}.{key}: adapter shape {list(t.shape)}, model expects {list(param.shape)}")
+        if tuple(t.shape) != tuple(param_shape(param)):
+            problems.append(f"{name}.{key}: adapter shape {list(t.shape)}, model expects {list(param_shape(param))}")
             keys.append(f"{name}.{key}")
         else:
             copies.append((param, t))
@@ -322,11 +334,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterError(f"adapter {path} (stage {a_stage}) does not fit the model (stage {m_stage}); "
                            f"the model is unchanged:\n  {shown}", keys)
 
+    # Sharded parameters (resume under FSDP2, stage 2 under ZeRO-3): each rank writes its part; ZeRO-3
+    # weights are gathered around the write (a collective: every rank loads the adapter).
     with torch.no_grad():
-        for p, t in copies:
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
+        with gathered([p for p, _ in copies], modifier_rank=0):
+            for p, t in copies:
+                copy_full_(p, t)
         for name, A, B, s in folds:
-            fold_recorded(model, name, A, B, s)
+            with gathered([model.get_submodule(name).weight], modifier_rank=0):
+                fold_recorded(model, name, A, B, s)
     if getattr(model, "medcare_config", None) is None and meta.get("config") is not None:
         model.medcare_config = MedCareConfig.from_dict(meta["config"])
     _refresh_cache(model)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import medcare_kernels as mk
+from medcare.distributed import full_params
 from medcare.modules import MoLoRALinear, OrthLoRALinear
 from medcare.stages import wrapper_modules
 
@@ -38,11 +39,15 @@ def orthogonal_penalty(model: nn.Module | Sequence[OrthLoRALinear], *, backend: 
     One fused ``medcare_kernels.orthogonal_penalty`` call over all layers (ragged ``d_in``). The layers are
     collected once per stage change (cached on the model), or pass the sequence of layers yourself.
     Returns a float32 scalar, differentiable w.r.t. the orth ``A``'s (and the base ``A``'s if trainable).
-    ``backend`` defaults to the layers' own (``MedCareConfig.backend``).
+    ``backend`` defaults to the layers' own (``MedCareConfig.backend``). Under FSDP2 or ZeRO-3 the ``A``'s are
+    gathered first (:func:`medcare.distributed.full_params`), gradient included: call it on every rank.
     """
     layers = _layers(model, OrthLoRALinear, "call to_stage2(model, config) first")
     be = layers[0].backend if backend is None else backend
-    return mk.orthogonal_penalty([m.base_A for m in layers], [m.orth_A for m in layers], backend=be)
+    # Sharded parameters (FSDP2, ZeRO-3) are gathered differentiably: the penalty and its gradient are
+    # those of the full matrices on every rank (a collective then: every rank computes the penalty).
+    A = full_params([m.base_A for m in layers] + [m.orth_A for m in layers])
+    return mk.orthogonal_penalty(A[:len(layers)], A[len(layers):], backend=be)
 
 
 _warned_no_grad = False

@@ -8,7 +8,9 @@ Conventions shared by the three wrappers:
   ``<name>.bias`` and nothing of the base layer's size is allocated or copied.
 * Every adapter tensor is a plain ``nn.Parameter`` registered on the wrapper (the router is an
   ``nn.Linear`` submodule ``router``): no views into shared buffers, so DDP, FSDP2 ``fully_shard`` and
-  ZeRO-3 (with the wrapper as a leaf) see ordinary parameters.
+  ZeRO-3 see ordinary parameters. The wrappers are ZeRO-3 leaf modules (``_z3_leaf``), and accept a base
+  weight that ZeRO-3 partitioned while loading (its full shape is ``ds_shape``): see
+  :mod:`medcare.distributed` and ``docs/distributed.md``.
 * LoRA init: ``A`` Kaiming-uniform (``a=sqrt(5)``, fan-in ``d_in`` per expert), ``B`` zeros, so a freshly
   wrapped layer computes exactly the base layer. The router has ``nn.Linear``'s default init
   (``U(-1/sqrt(d_in), 1/sqrt(d_in))`` for weight and bias): near-uniform routing at the start.
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 import medcare_kernels as mk
 from medcare.config import MedCareConfig
+from medcare.distributed import param_shape
 
 __all__ = ["LoRALinear", "MoLoRALinear", "OrthLoRALinear"]
 
@@ -40,12 +43,14 @@ def _resolve_config(config: MedCareConfig | None, overrides: dict[str, Any]) -> 
 
 
 def _check_base(weight: object, bias: object) -> tuple[nn.Parameter, nn.Parameter | None]:
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
+    # param_shape: a ZeRO-3 weight partitioned while loading (deepspeed.zero.Init) is empty on this rank
+    if not isinstance(weight, nn.Parameter) or len(param_shape(weight)) != 2:
         raise TypeError(f"weight must be the 2-D nn.Parameter [d_out, d_in] of an nn.Linear, got "
-                        f"{type(weight).__name__}{list(weight.shape) if isinstance(weight, Tensor) else ''}")
-    if bias is not None and (not isinstance(bias, nn.Parameter) or tuple(bias.shape) != (weight.shape[0],)):
-        raise TypeError(f"bias must be None or an nn.Parameter of shape [d_out] = [{weight.shape[0]}], got "
-                        f"{type(bias).__name__}{list(bias.shape) if isinstance(bias, Tensor) else ''}")
+                        f"{type(weight).__name__}{list(param_shape(weight)) if isinstance(weight, Tensor) else ''}")
+    d_out = param_shape(weight)[0]
+    if bias is not None and (not isinstance(bias, nn.Parameter) or tuple(param_shape(bias)) != (d_out,)):
+        raise TypeError(f"bias must be None or an nn.Parameter of shape [d_out] = [{d_out}], got "
+                        f"{type(bias).__name__}{list(param_shape(bias)) if isinstance(bias, Tensor) else ''}")
     weight.requires_grad_(False)
     if bias is not None:
         bias.requires_grad_(False)
@@ -72,10 +77,15 @@ def _kaiming_(t: Tensor) -> Tensor:
 class _AdapterLinear(nn.Module):
     """What the wrappers share: the base weight/bias by reference, LoRA scale, dropout, dtype handling."""
 
+    # DeepSpeed ZeRO-3 "leaf" module (``deepspeed.utils.set_z3_leaf_modules`` sets the same flag): entering
+    # the wrapper fetches all its parameters, the router's included. The forward reads ``router.weight``
+    # without calling the ``router`` submodule, whose own fetch hook would therefore never run.
+    _z3_leaf = True
+
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, config: MedCareConfig):
         super().__init__()
         weight, bias = _check_base(weight, bias)
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = param_shape(weight)
         self.weight = weight
         self.bias = bias
         self.scaling = config.scaling

@@ -41,6 +41,12 @@ class MedCareTrainer(Trainer):
     over the micro-batches since the last log (and over processes), next to ``loss`` (which includes the
     weighted terms). They are logged even when their coefficient is 0 (then computed without gradient).
 
+    Distributed (``torchrun``/``accelerate launch``; see ``docs/distributed.md``): DDP runs without
+    ``find_unused_parameters`` (set to False unless given: every expert gets a gradient, zero when it
+    received no token); under FSDP2 and ZeRO-3 the penalty and the adapter saves gather the sharded
+    parameters (:mod:`medcare.distributed`), so the penalty has its full gradient and rank 0 writes full
+    tensors. ``router_aux_loss`` is computed per process on its own tokens (as MoE implementations do).
+
     Checkpoints: each save writes the adapter (``adapter.safetensors`` + ``medcare_config.json``, via
     :func:`medcare.save_adapter`), the processing class and the training arguments; the full model weights
     only with ``save_full_checkpoint=True``. Resuming (``train(resume_from_checkpoint=...)``) and
@@ -48,9 +54,15 @@ class MedCareTrainer(Trainer):
     ``merge_and_unload``) is saved by the plain Trainer.
     """
 
-    def __init__(self, *args: Any, medcare_config: MedCareConfig | None = None, save_full_checkpoint: bool = False,
-                 **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: nn.Module | None = None, args: Any = None, *rest: Any,
+                 medcare_config: MedCareConfig | None = None, save_full_checkpoint: bool = False, **kwargs: Any):
+        if (args is not None and getattr(args, "ddp_find_unused_parameters", False) is None and model is not None
+                and self._has_adapter_layers(model)):
+            # Every trainable MedCare parameter takes part in every forward (an expert that receives no token
+            # gets a zero gradient, not none), so DDP needs no search for unused parameters. The Trainer's
+            # own default would be True (an extra graph traversal per step).
+            args.ddp_find_unused_parameters = False
+        super().__init__(model, args, *rest, **kwargs)
         if medcare_config is not None and not isinstance(medcare_config, MedCareConfig):
             raise TypeError(f"medcare_config must be a MedCareConfig or None, got {type(medcare_config).__name__}")
         self.medcare_config = medcare_config
@@ -121,6 +133,20 @@ class MedCareTrainer(Trainer):
     def _has_adapter_layers(self, model: nn.Module) -> bool:
         return model_stage(model) != 0 or bool(merged_records(model))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter (and, with ``save_full_checkpoint``, what ``Trainer.save_model`` writes).
+
+        Call it on every process, as ``Trainer.save_model``: under FSDP2/ZeRO-3 the adapter's gather is a
+        collective. Adapter-only saves skip the Trainer's full-model state-dict gather.
+        """
+        model = self._medcare_model()
+        if self.save_full_checkpoint or not self._has_adapter_layers(model):
+            super().save_model(output_dir, _internal_call=_internal_call)
+            return
+        self._save(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = self._medcare_model()
@@ -129,9 +155,10 @@ class MedCareTrainer(Trainer):
             return
         if self.save_full_checkpoint:
             super()._save(output_dir, state_dict=state_dict)
+        # every process: gathering sharded adapter parameters (FSDP2, ZeRO-3) is a collective; one writes
+        save_adapter(model, output_dir, config=self.medcare_config, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        save_adapter(model, output_dir, config=self.medcare_config)
         if not self.save_full_checkpoint:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)

@@ -9,6 +9,12 @@ import zlib
 import pytest
 import torch
 
+# The triton backend's kernels run on the CPU under the interpreter (tests/test_triton.py): the switch
+# must be set before triton decorates them, i.e. before medcare_kernels.triton is first imported.
+# On a machine with a GPU the kernels run compiled and the variable is left alone.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 #: Normalised max error ``max|a - b| / max|b|`` allowed per dtype of the computation under test.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
@@ -27,7 +33,7 @@ def _fresh_seed(request):
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for var in ("MEDCARE_BACKEND", "MEDCARE_MOLORA_FORMULATION"):
+    for var in ("MEDCARE_BACKEND", "MEDCARE_MOLORA_FORMULATION", "MEDCARE_TRITON_BASE", "MEDCARE_TRITON_MOLORA_PATH"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -35,6 +35,16 @@ def topk_margin(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return p[:, top_k - 1] - p[:, top_k]
 
 
+def order_margin(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per row, the smallest gap between consecutive probabilities among the ``top_k + 1`` largest: how
+    close the top-k *set and its order* are to a tie (inf when there is nothing to compare). Two correct
+    implementations may differ in ``indices`` (order included) only where this is within roundoff."""
+    p = torch.softmax(logits.detach().to(f64), dim=-1).sort(-1, descending=True).values[:, : top_k + 1]
+    if p.shape[1] < 2:
+        return torch.full((p.shape[0],), float("inf"), dtype=f64)
+    return (p[:, :-1] - p[:, 1:]).min(-1).values
+
+
 def molora(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, top_k, scaling,
            lora_x=None, indices=None):
     """MoLoRA linear in float64 -> (y [T, d_out], logits [T, E], indices)."""

@@ -26,7 +26,7 @@ def test_matches_float64_oracle(T, E, top_k, dtype, backend):
     ref_logits = oracle.leaf64(logits)
     if T:
         differs = (indices != oracle.route_indices(ref_logits, top_k)).any(1)
-        assert (oracle.topk_margin(ref_logits, top_k)[differs] < 1e-6).all()
+        assert (oracle.order_margin(ref_logits, top_k)[differs] < 1e-6).all()
     w64, _ = oracle.route(ref_logits, top_k, indices)
     tol = torch.float64 if dtype == torch.float64 else torch.float32  # float32 math for every input dtype
     assert_close(weights, w64, tol, "weights")

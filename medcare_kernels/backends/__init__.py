@@ -7,6 +7,11 @@ A *backend* is a family of implementations of the public ops (``route``, ``molor
 ``reference``  the authors' dense method (every expert for every token, stack, gather), differentiated
                by plain autograd: the benchmark baseline and a test oracle, never chosen by ``auto``
 ``torch``      portable PyTorch (CPU and CUDA): gating in rank space, dense-masked or grouped
+``cuda``       the compiled extension ``medcare_kernels._C`` (``csrc/``): route, orthogonal_penalty and
+               the molora_linear decode path; the rest delegates to ``torch`` (see its package doc).
+               Available when the extension was built and loaded and the tensors are on a GPU
+``triton``     fused Triton kernels (:mod:`medcare_kernels.triton`): CUDA GPUs, or the CPU under
+               ``TRITON_INTERPRET=1`` (slow; for tests); ``auto``'s choice for CUDA tensors
 =============  ====================================================================================
 
 Each backend provides, per op, a module ``<package>.<op>`` (or a module registered with
@@ -29,12 +34,15 @@ from types import ModuleType
 
 import torch
 
+from medcare_kernels import _extension
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
     "backend_unavailable_reason",
     "get_impl",
+    "pick_fast",
     "register_impl",
     "resolve_backend",
 ]
@@ -46,11 +54,36 @@ def _always(device: torch.device) -> str | None:
     return None
 
 
+def _cuda_reason(device: torch.device) -> str | None:
+    """None when the compiled extension loaded and ``device`` is a GPU; else what is missing and how
+    to build it."""
+    return _extension.unavailable_reason(device)
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    """None when Triton kernels can run on ``device``: triton is installed (checked without importing
+    it) and the device is CUDA, or the CPU with ``TRITON_INTERPRET=1`` (the interpreter, for tests)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton; it ships with torch's CUDA wheels on Linux)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return ("triton kernels need a CUDA device; on the CPU they run only under the interpreter "
+                "(set TRITON_INTERPRET=1 before the first call; slow, meant for tests)")
+    return f"triton kernels do not run on {device.type} devices"
+
+
 # name -> (package holding one module per op, why it cannot run on a device or None).
 # Listed in the order ``available_backends`` reports them.
 _BACKENDS: dict[str, tuple[str, Callable[[torch.device], str | None]]] = {
     "reference": ("medcare_kernels.backends.reference", _always),
     "torch": ("medcare_kernels.backends.pytorch", _always),
+    "cuda": ("medcare_kernels.backends.cuda", _cuda_reason),
+    "triton": ("medcare_kernels.triton", _triton_reason),
 }
 
 #: Every backend name the library knows.
@@ -131,6 +164,16 @@ def resolve_backend(
     if reason is not None:
         raise BackendUnavailableError(f"{source}={requested!r} cannot run {op}: {reason}")
     return requested
+
+
+def pick_fast(available: Sequence[str], dtype: torch.dtype, order: Sequence[str]) -> str:
+    """``auto``'s pick for CUDA tensors: the first backend of ``order`` (an op's preference, fastest
+    first) that can run, else ``torch``; always ``torch`` for float64 (no 64-bit kernels)."""
+    if dtype != torch.float64:
+        for name in order:
+            if name in available:
+                return name
+    return "torch"
 
 
 def get_impl(op: str, backend: str) -> ModuleType:

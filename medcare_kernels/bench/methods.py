@@ -121,6 +121,11 @@ def methods(device: str, formulations: bool = False) -> list[Method]:
         if backend == "torch" and formulations:
             for form in ("dense", "grouped"):
                 out.append(Method(f"torch[{form}]", _library("torch"), {"MEDCARE_MOLORA_FORMULATION": form}))
+        if backend == "triton":
+            # The base GEMM in Triton with the LoRA K-extension (default) vs cuBLAS + in-place LoRA add.
+            out.append(Method("triton[cublas-base]", _library("triton"), {"MEDCARE_TRITON_BASE": "cublas"}))
+            if formulations:
+                out.append(Method("triton[grouped]", _library("triton"), {"MEDCARE_TRITON_MOLORA_PATH": "grouped"}))
     return out
 
 

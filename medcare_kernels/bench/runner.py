@@ -137,4 +137,24 @@ def summary(rows: list[Row]) -> str:
     for shape in dict.fromkeys(r.shape for r in rows):
         if shape in limits:
             lines.append(f"{shape}: FLOP limit of a MoLoRA layer = {limits[shape]:.3f}x the frozen linear")
+    lines += targets(rows)
     return "\n".join(lines)
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """Per fused method and point: forward+backward vs the floor, speed-up over the reference, and the
+    activation memory beyond the floor as a share of the reference's (issue targets on an H100 at
+    T=16384: <= 1.10x the floor, >= 3x faster than the reference, <= 2% of its extra memory)."""
+    out = []
+    for (shape, t) in dict.fromkeys((r.shape, r.tokens) for r in rows):
+        point = {r.method: r for r in rows if r.shape == shape and r.tokens == t}
+        ref = point.get("reference")
+        if ref is None:
+            continue
+        for name, r in point.items():
+            if not name.startswith(("triton", "cuda")):
+                continue
+            mem = r.extra_mib / ref.extra_mib if ref.extra_mib > 0 else float("nan")
+            out.append(f"{shape} T={t} {name}: {r.ratio_fwd_bwd:.3f}x floor, {ref.fwd_bwd_ms / r.fwd_bwd_ms:.1f}x "
+                       f"faster than reference, extra memory {100 * mem:.1f}% of the reference's")
+    return out

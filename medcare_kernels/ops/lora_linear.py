@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from medcare_kernels import _checks
-from medcare_kernels.backends import get_impl, resolve_backend
+from medcare_kernels.backends import get_impl, pick_fast, resolve_backend
 from medcare_kernels.backends.pytorch.route import accumulate_dtype
 from medcare_kernels.ops import _grads
 
 _OP = "lora_linear"
+# ``auto``'s preference on CUDA tensors (reasoned, not yet measured on a GPU):
+# only triton has LoRA kernels (the cuda backend runs the torch code for this op).
+_FAST = ("triton",)
 _GRAD_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B", "lora_x")
+
 
 
 @torch.library.custom_op("medcare_kernels::lora_linear", mutates_args=())
@@ -87,7 +92,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     _checks.lora_x(lora_x, x)
     device = _checks.same_device([("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A),
                                   ("lora_B", lora_B), ("lora_x", lora_x)])
-    be = resolve_backend(backend, device, _OP)
+    wide = accumulate_dtype(x.dtype, lora_A.dtype)
+    be = resolve_backend(backend, device, _OP, choose=lambda available: pick_fast(available, wide, _FAST))
     x2, lx2 = _checks.tokens_2d(x, lora_x)
     if be == "reference":
         y = get_impl(_OP, be).apply(x2, weight, bias, lora_A, lora_B, lx2, scaling)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from medcare_kernels import _checks
-from medcare_kernels.backends import get_impl, resolve_backend
+from medcare_kernels.backends import get_impl, pick_fast, resolve_backend
 from medcare_kernels.backends.pytorch.route import accumulate_dtype
 from medcare_kernels.ops import _grads
 
@@ -128,6 +129,18 @@ def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A
     return top_k, scaling, device
 
 
+
+def _fast_order(tokens: int, *params: Tensor | None) -> tuple[str, ...]:
+    """``auto``'s preference on CUDA tensors (DESIGN.md section 5). The cuda backend's decode kernels
+    (forward only) for inference with few tokens: the base GEMM plus three small launches, where the GEMM
+    formulations pay a dozen launches; triton otherwise (fused forward and backward). Not yet measured on
+    a GPU: ``make gpu-check`` times every backend at decode and prefill token counts."""
+    from medcare_kernels.backends.cuda import DECODE_MAX_TOKENS
+
+    training = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    return ("cuda", "triton") if tokens <= DECODE_MAX_TOKENS and not training else ("triton",)
+
+
 def molora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, router_weight: Tensor, router_bias: Tensor | None,
     lora_A: Tensor, lora_B: Tensor, shared_A: Tensor | None = None, shared_B: Tensor | None = None, *,
@@ -154,7 +167,9 @@ def molora_linear(
     """
     top_k, scaling, device = _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A,
                                     shared_B, top_k, scaling, lora_x)
-    be = resolve_backend(backend, device, _OP)
+    wide = accumulate_dtype(x.dtype, lora_A.dtype, router_weight.dtype)
+    be = resolve_backend(backend, device, _OP, choose=lambda available: pick_fast(
+        available, wide, _fast_order(math.prod(x.shape[:-1]), x, router_weight, lora_A, lora_B, shared_A, shared_B)))
     x2, lx2 = _checks.tokens_2d(x, lora_x)
     args = (x2, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lx2, top_k, scaling)
     if be == "reference":

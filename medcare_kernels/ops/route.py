@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+
 import torch
 from torch import Tensor
 
 from medcare_kernels import _checks
-from medcare_kernels.backends import get_impl, resolve_backend
+from medcare_kernels.backends import get_impl, pick_fast, resolve_backend
 from medcare_kernels.backends.pytorch.route import accumulate_dtype
 
 _OP = "route"
+# ``auto``'s preference on CUDA tensors (reasoned, not yet measured on a GPU):
+# routing is one small memory-bound pass over [T, E]; the compiled kernel (no Python launcher) first.
+_FAST = ("cuda", "triton")
+
 
 
 @torch.library.custom_op("medcare_kernels::route", mutates_args=())
@@ -53,6 +58,7 @@ def _backward(ctx, grad_weights, _grad_indices):
 _route_op.register_autograd(_backward, setup_context=_setup)
 
 
+
 def route(logits: Tensor, top_k: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Top-k routing over experts.
 
@@ -73,7 +79,8 @@ def route(logits: Tensor, top_k: int, *, backend: str = "auto") -> tuple[Tensor,
     if E < 1:
         raise ValueError(f"logits must have at least one expert in its last dimension, got shape {list(logits.shape)}")
     top_k = _checks.integer("top_k", top_k, low=1, high=E, high_name="E")
-    be = resolve_backend(backend, logits.device, _OP)
+    be = resolve_backend(backend, logits.device, _OP,
+                         choose=lambda available: pick_fast(available, logits.dtype, _FAST))
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, E).contiguous()
     if be == "reference":

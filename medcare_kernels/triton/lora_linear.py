@@ -1,0 +1,68 @@
+"""Plain LoRA linear in Triton: the MoLoRA kernels with only the "shared" (always-on) rank segment.
+
+forward: ``z = lx @ A.T`` and ``H = s * z`` from the thin shrink GEMM
+(:func:`~medcare_kernels.triton.shrink.shrink_forward`), then ``y = x @ W.T + b + H @ B.T`` from the
+K-extended GEMM (``y`` written once; ``MEDCARE_TRITON_BASE=cublas``: cuBLAS base + in-place LoRA add).
+backward: ``dZ = s * dy @ B`` (thin GEMM), ``dx = dy @ W + dZ @ A`` (K-extended), ``dA = dZ.T @ lx`` and
+``dB = dy.T @ H`` (token reductions).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medcare_kernels.triton._common import check_dtypes, compute_dtype
+from medcare_kernels.triton.gemm import ext_gemm, token_reduce
+from medcare_kernels.triton.molora_linear import base_mode
+from medcare_kernels.triton.shrink import Layout, shrink_backward, shrink_forward
+
+
+def _layout(r: int) -> Layout:
+    return Layout(E=1, R=1, RS=r, K=1, routed=False)
+
+
+def forward(x, weight, bias, lora_A, lora_B, lora_x, scaling: float):
+    """x [T, d_in] -> (y [T, d_out] x.dtype, z [T, r] float32). Float16/bfloat16/float32 only."""
+    check_dtypes("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    L = _layout(lora_A.shape[0])
+    hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    _, _, _, z, h = shrink_forward(x, lora_x, None, lora_A, None, None, L, scaling, hd)
+    if base_mode() == "cublas":
+        y = torch.nn.functional.linear(x, weight, bias)
+        ext_gemm(y, hz=h, shared=lora_B.T, layout=L, accumulate=True)
+    else:
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        ext_gemm(y, a0=x, b0=weight.T, bias=bias, hz=h, shared=lora_B.T, layout=L)
+    return y, z
+
+
+def backward(grad_y, x, lora_x, weight, lora_A, lora_B, z, scaling: float, needs):
+    """Gradients for (x, weight, bias, lora_A, lora_B, lora_x), None where not needed, input dtypes."""
+    check_dtypes("lora_linear", x=x, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    weight, lora_A, lora_B = weight.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    need_x, need_w, need_b, need_a, need_bb, need_lx = needs
+    r = lora_A.shape[0]
+    L = _layout(r)
+    lx = x if lora_x is None else lora_x
+    hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    d_x = d_a = d_bb = d_lx = None
+    if need_x or need_a or need_bb or need_lx:
+        dz, h, _ = shrink_backward(grad_y, None, lora_B, None, None, z, None, L, scaling, hd)
+        if need_x:
+            d_x = torch.empty_like(x)
+            if lora_x is None:
+                ext_gemm(d_x, a0=grad_y, b0=weight, hz=dz, shared=lora_A, layout=L)
+            else:
+                ext_gemm(d_x, a0=grad_y, b0=weight, layout=L)
+        if need_lx:
+            d_lx = torch.empty_like(lora_x)
+            ext_gemm(d_lx, hz=dz, shared=lora_A, layout=L)
+        if need_a:
+            d_a = token_reduce(dz, lx)[:r].to(lora_A.dtype)
+        if need_bb:
+            d_bb = token_reduce(grad_y, h)[:, :r].to(lora_B.dtype)
+    d_w = (grad_y.T @ x).to(weight.dtype) if need_w else None
+    d_b = grad_y.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
+    return [None if g is None else g.contiguous() for g in (d_x, d_w, d_b, d_a, d_bb, d_lx)]

@@ -1,0 +1,158 @@
+"""MoLoRA linear in Triton (``backend="triton"``): the forward and backward of the backend contract.
+
+Dense-masked path (the default; MedCare's E*r = 8x16 = 128):
+
+* forward: :func:`~medcare_kernels.triton.shrink.shrink_forward` (one thin GEMM ``x @ [A_all; A_s; W_r].T``
+  with softmax / top-k / renormalise / gate / mask fused into its epilogue) then
+  :func:`~medcare_kernels.triton.gemm.ext_gemm` (``y = x @ W.T + b + H @ [B_all | B_s].T``: the frozen
+  GEMM with K extended by the rank space, ``y`` written once; experts no token of a row tile chose are
+  skipped). ``MEDCARE_TRITON_BASE=cublas`` computes the base with cuBLAS instead and lets the kernel add
+  the LoRA term into ``y`` in one read-modify-write pass.
+* backward: :func:`~medcare_kernels.triton.shrink.shrink_backward` (``dy @ [B_all | B_s]`` with the
+  routing backward fused), one K-extended GEMM for ``dx = dy @ W + dZ @ [A_all; A_s] + d_logits @ W_r``,
+  and token reductions for ``dA``, ``dB``, ``dA_s``, ``dB_s``, ``dW_r``. Nothing of size ``E*T*d_out``
+  exists; idle experts' gradients are exact zeros (their ``dZ``/``H`` columns are zeroed, not skipped).
+
+Grouped path (:mod:`medcare_kernels.triton.grouped`, for wide ``E*r``): token slots sorted by expert on
+the device, segment-wise shrink and expand over the chosen experts only; no host synchronisation.
+
+No ``.item()``/``.cpu()`` and no data-dependent shapes anywhere: the op runs under CUDA graphs and
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from medcare_kernels.triton import grouped
+from medcare_kernels.triton._common import check_dtypes, compute_dtype
+from medcare_kernels.triton.gemm import ext_gemm, token_reduce
+from medcare_kernels.triton.shrink import Layout, shrink_backward, shrink_forward
+
+BASE_ENV = "MEDCARE_TRITON_BASE"
+PATH_ENV = "MEDCARE_TRITON_MOLORA_PATH"
+
+
+def base_mode() -> str:
+    """``triton`` (default: the base GEMM in the K-extended kernel) or ``cublas`` (``MEDCARE_TRITON_BASE``)."""
+    mode = os.environ.get(BASE_ENV, "").strip() or "triton"
+    if mode not in ("triton", "cublas"):
+        raise ValueError(f"{BASE_ENV} must be 'triton' or 'cublas', got {mode!r}")
+    return mode
+
+
+def choose_path(tokens: int, experts: int, rank: int, top_k: int) -> str:
+    """``dense`` or ``grouped`` (override: ``MEDCARE_TRITON_MOLORA_PATH``).
+
+    The dense-masked path computes all ``E*r`` rank columns (one thin GEMM, one K extension of
+    ``E_R*R_PAD + r_s``); the grouped path computes only the chosen ``k*r`` per token but gathers rows
+    and launches ``k`` segment passes. Dense wins while the padded expert width stays a small fraction of
+    the frozen GEMM's K (MedCare's 8x16); grouped once ``E*r`` is wide (>= 512 columns) with ``k < E``.
+    """
+    forced = os.environ.get(PATH_ENV, "").strip()
+    if forced and forced != "auto":
+        if forced not in ("dense", "grouped"):
+            raise ValueError(f"{PATH_ENV} must be 'dense', 'grouped' or 'auto', got {forced!r}")
+        return forced
+    width = Layout(experts, rank, 0, top_k, True).WR
+    return "grouped" if (width >= 512 and top_k < experts) else "dense"
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def _routed_B(lora_B: torch.Tensor):
+    """B_all [E, d_out, r] as the expand's [(e, c), n] operand."""
+    return (lora_B, lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))
+
+
+def _routed_A(lora_A: torch.Tensor):
+    """A_all [E, r, d_in] as the dx extension's [(e, c), n] operand."""
+    return (lora_A, lora_A.stride(0), lora_A.stride(1), lora_A.stride(2))
+
+
+def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lora_x,
+            top_k: int, scaling: float):
+    """x [T, d_in] -> (y [T, d_out] x.dtype, logits [T, E] f32, weights [T, k] f32, indices [T, k] i64,
+    z [T, k*r + r_s] f32). Float16/bfloat16/float32 only (``TypeError`` otherwise)."""
+    check_dtypes("molora_linear", x=x, weight=weight, router_weight=router_weight, lora_A=lora_A, lora_B=lora_B,
+                 shared_A=shared_A)
+    weight, bias, router_weight, router_bias = _c(weight), _c(bias), _c(router_weight), _c(router_bias)
+    lora_A, lora_B, shared_A, shared_B = _c(lora_A), _c(lora_B), _c(shared_A), _c(shared_B)
+    T = x.shape[0]
+    E, r, _ = lora_A.shape
+    r_s = 0 if shared_A is None else shared_A.shape[0]
+    if choose_path(T, E, r, top_k) == "grouped":
+        return grouped.forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B,
+                               lora_x, top_k, scaling, base_mode())
+    L = Layout(E, r, r_s, top_k, True)
+    hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    logits, weights, indices, z, h = shrink_forward(x, lora_x, lora_A, shared_A, router_weight, router_bias, L,
+                                                    scaling, hd)
+    lora = dict(hz=h, routed=_routed_B(lora_B), shared=shared_B.T if r_s else None, indices=indices, layout=L)
+    if base_mode() == "cublas":
+        y = torch.nn.functional.linear(x, weight, bias)
+        ext_gemm(y, accumulate=True, **lora)
+    else:
+        y = torch.empty(T, weight.shape[0], dtype=x.dtype, device=x.device)
+        ext_gemm(y, a0=x, b0=weight.T, bias=bias, **lora)
+    return y, logits, weights, indices, z
+
+
+def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora_B, shared_A, shared_B,
+             logits, weights, indices, z, top_k: int, scaling: float, needs):
+    """The 10 gradients of the contract (None where ``needs`` is False), each in its input's dtype."""
+    check_dtypes("molora_linear", x=x, weight=weight, router_weight=router_weight, lora_A=lora_A, lora_B=lora_B,
+                 shared_A=shared_A)
+    weight, router_weight = _c(weight), _c(router_weight)
+    lora_A, lora_B, shared_A, shared_B = _c(lora_A), _c(lora_B), _c(shared_A), _c(shared_B)
+    grad_logits = None if grad_logits is None else grad_logits.float().contiguous()
+    need_x, need_w, need_b, need_wr, need_br, need_a, need_bb, need_as, need_bs, need_lx = needs
+    T, d_in = x.shape
+    E, r, _ = lora_A.shape
+    r_s = 0 if shared_A is None else shared_A.shape[0]
+    if choose_path(T, E, r, top_k) == "grouped":
+        return grouped.backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora_B, shared_A,
+                                shared_B, logits, weights, indices, z, top_k, scaling, needs)
+    L = Layout(E, r, r_s, top_k, True)
+    lx = x if lora_x is None else lora_x
+    hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
+    d_x = d_wr = d_br = d_A = d_B = d_As = d_Bs = d_lx = None
+    if any((need_x, need_wr, need_br, need_a, need_bb, need_as, need_bs, need_lx)):
+        dz, h, dl = shrink_backward(grad_y, lora_B, shared_B, logits, indices, z, grad_logits, L, scaling, hd)
+        lora = dict(hz=dz, routed=_routed_A(lora_A), shared=shared_A if r_s else None, indices=indices, layout=L)
+        if need_x:
+            d_x = torch.empty_like(x)
+            if lora_x is None:
+                ext_gemm(d_x, a0=grad_y, b0=weight, router=(dl, router_weight), **lora)
+            else:
+                ext_gemm(d_x, a0=grad_y, b0=weight, router=(dl, router_weight), layout=L)
+        if need_lx:
+            d_lx = torch.empty_like(lora_x)
+            ext_gemm(d_lx, **lora)
+        with_router = need_wr and lora_x is None  # dZ's last columns hold d_logits: one pass over x
+        if need_a or need_as or with_router:
+            ga = token_reduce(dz[:, : L.W + (E if with_router else 0)], lx)
+            if need_a:
+                d_A = ga[: L.WR].view(L.E_R, L.R_PAD, d_in)[:E, :r].to(lora_A.dtype)
+            if need_as and r_s:
+                d_As = ga[L.WR: L.WR + r_s].to(shared_A.dtype)
+            if with_router:
+                d_wr = ga[L.W: L.W + E].to(router_weight.dtype)
+        if need_wr and not with_router:
+            d_wr = token_reduce(dl, x).to(router_weight.dtype)
+        if need_br:
+            d_br = dl.sum(0).to(router_weight.dtype)
+        if need_bb or need_bs:
+            gb = token_reduce(grad_y, h)
+            if need_bb:
+                d_B = gb[:, : L.WR].view(-1, L.E_R, L.R_PAD)[:, :E, :r].permute(1, 0, 2).to(lora_B.dtype)
+            if need_bs and r_s:
+                d_Bs = gb[:, L.WR: L.WR + r_s].to(shared_B.dtype)
+    d_w = (grad_y.T @ x).to(weight.dtype) if need_w else None
+    d_b = grad_y.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
+    grads = [d_x, d_w, d_b, d_wr, d_br, d_A, d_B, d_As, d_Bs, d_lx]
+    return [None if g is None else g.contiguous() for g in grads]
