@@ -8,6 +8,7 @@
     medcare demo [--output DIR]
 
 One module per command (``medcare.cli.<command>``, each with ``main(argv) -> int``), imported on use.
+``medcare.cli.train.main`` also takes ``callbacks`` and ``model_hook`` (running the command from Python).
 Errors the user can fix (bad arguments, malformed data, an adapter that does not fit) print one line
 ``medcare <command>: error: ...`` on stderr and exit with status 1 (argparse usage errors: 2).
 """

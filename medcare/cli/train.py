@@ -15,7 +15,8 @@ Options: the data and model options below, the MedCare options (:class:`medcare.
 defaults; in stage 2 the stage-1 adapter's values), and every ``transformers.TrainingArguments`` flag
 (``--bf16``, ``--gradient_checkpointing``, ``--gradient_accumulation_steps``, ``--lr_scheduler_type``,
 ``--logging_steps``, ``--save_steps``, ``--resume_from_checkpoint DIR|last``, ...), parsed with
-``HfArgumentParser``. Launch with ``torchrun``/``accelerate launch`` for several GPUs.
+``HfArgumentParser``. Several GPUs: ``torchrun --nproc_per_node N -m -- medcare train ...``, ``accelerate launch
+[--config_file FILE] -m medcare train ...`` (FSDP2: ``--fsdp``; ZeRO-3: ``--deepspeed configs/zero3.json``).
 """
 
 # No ``from __future__ import annotations`` here: HfArgumentParser reads these dataclasses' field types
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +206,21 @@ def _resume_checkpoint(targs: Any) -> str | None:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] | None = None,
+         model_hook: Callable[[Any], None] | None = None) -> int:
+    """Run ``medcare train ARGV`` in this process; returns the exit status (0).
+
+    This is the command itself (``medcare train``, ``python -m medcare train``, and each process that
+    ``torchrun``/``accelerate launch`` starts with ``-m medcare train``), callable from Python with two
+    additions for experiments and tests:
+
+    * ``callbacks``: ``transformers.TrainerCallback`` instances (or classes) added to the Trainer's own.
+    * ``model_hook(model)``: called once on the prepared model (stage 1 applied, or stage 2 with the stage-1
+      adapter loaded), before the Trainer and the distributed engine wrap it; it may edit the model in place.
+
+    User errors raise :class:`~medcare.cli._common.CLIError` (and the data and adapter errors in
+    ``medcare.cli._common.USER_ERRORS``); the ``medcare`` entry point prints those as one line.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     dargs, margs, targs = parse_args(argv)
 
@@ -248,12 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         f"from {dargs.data}")
 
     transformers.set_seed(targs.seed)  # the adapters' initialisation
+    # the process group first (torchrun / accelerate launch): under ZeRO-3 from_pretrained partitions the
+    # weights while it loads (deepspeed.zero.Init), which needs the group
+    _ = targs.device
     model = load_causal_lm(model_path, dargs.model_dtype, dargs.attn_implementation, dargs.trust_remote_code)
     if dargs.stage == 1:
         apply_stage1(model, cfg)
     else:
         quiet_to_stage2(model, cfg)
         load_adapter(model, dargs.from_stage1)
+    if model_hook is not None:
+        model_hook(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     what = (f"MoLoRA (E={cfg.num_experts}, r={cfg.r}, top-{cfg.top_k}, {cfg.num_shared} shared) on "
@@ -265,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = MedCareTrainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                                  data_collator=make_collator(tokenizer), processing_class=tokenizer,
-                                 medcare_config=cfg, save_full_checkpoint=dargs.save_full_checkpoint)
+                                 medcare_config=cfg, save_full_checkpoint=dargs.save_full_checkpoint,
+                                 callbacks=list(callbacks) if callbacks else None)
     except ValueError as e:  # the Trainer's checks of the arguments, e.g. --eval_strategy without --eval_data
         raise CLIError(str(e)) from e
     result = trainer.train(resume_from_checkpoint=_resume_checkpoint(targs))

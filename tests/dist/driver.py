@@ -1,14 +1,16 @@
 """Launched by the distributed tests (``torchrun ... tests/dist/driver.py [driver flags] -- <train flags>``).
 
-Runs ``examples/train.py`` (what ``medcare train`` does; once the command line exists, its entry point
-can take the place of ``train.main`` here if it accepts ``callbacks`` and a model hook) and records, per rank, what the tests compare:
-the Trainer's log history, the expert token counts of the first MoLoRA layer per step, and optionally
-stops every process hard (``os._exit``) right after the checkpoint of step N (``--kill_at N``).
+Runs ``medcare train <train flags>`` in each process: :func:`medcare.cli.train.main`, the command's own
+entry point (what ``torchrun ... -m medcare train`` runs), with two test-only additions passed through its
+``model_hook`` and ``callbacks`` arguments. It records, per rank, what the tests compare: the Trainer's log
+history, the expert token counts of the first MoLoRA layer per step, how the engine holds the parameters,
+a checksum of the frozen base before and after training; and optionally stops every process hard
+(``os._exit``) right after the checkpoint of step N (``--kill_at N``).
 
 Driver flags: ``--record PREFIX`` (writes ``PREFIX.rank<r>.json``), ``--kill_at N``, ``--cpu_deepspeed``
-and ``--cpu_fsdp`` (the engines on CPU: see below), ``--skew`` (router of
-the stage-1 ``gate_proj``/``up_proj`` layers sends every token carrying the skew feature, and only those, to
-the last expert: see ``tests/dist/common.py``).
+and ``--cpu_fsdp`` (the engines on CPU: see below; test-only, no ``medcare train`` option), ``--skew``
+(router of the stage-1 ``gate_proj``/``up_proj`` layers sends every token carrying the skew feature, and
+only those, to the last expert: see ``tests/dist/common.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
+sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import train  # noqa: E402  (examples/train.py)
+from medcare.cli.train import main as medcare_train  # noqa: E402  (the `medcare train` command)
 from medcare.distributed import full_params  # noqa: E402
 from medcare.modules import MoLoRALinear  # noqa: E402
 from tests.dist.common import skew_routers  # noqa: E402
@@ -140,7 +142,7 @@ def main() -> None:
             skew_routers(model)
         rec.attach(model)
 
-    train.main(argv[split + 1:], model_hook=hook, callbacks=[rec])
+    raise SystemExit(medcare_train(argv[split + 1:], model_hook=hook, callbacks=[rec]))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Both MedCare stages on 2 processes (gloo, CPU) under DDP, FSDP2 and DeepSpeed ZeRO-3 vs one process.
 
-Every run is ``examples/train.py`` (what ``medcare train`` does) launched by ``torchrun`` through
-``tests/dist/driver.py``: same seed, sequential data order, global batch 4 (one process x 4 or two x 2),
-AdamW, dropout 0, 4 steps per stage. Per-step losses (and the stage-2 penalty) and the final adapter
-must match the one-process run to float32 tolerance (only the all-reduce order differs).
+Every run is ``medcare train`` (:func:`medcare.cli.train.main`), launched by ``torchrun`` (or ``accelerate
+launch``) through ``tests/dist/driver.py``, which adds a recorder and the router skew; the resumed DDP run
+is the command itself, ``torchrun ... -m -- medcare train``. Same seed, sequential data order, global batch 4
+(one process x 4 or two x 2), AdamW, dropout 0, 4 steps per stage. Per-step losses (and the stage-2
+penalty) and the final adapter must match the one-process run to float32 tolerance (only the all-reduce
+order differs).
 
 The model and data make routing skewed by rank (``tests/dist/common.py``): in every stage-1
 ``gate_proj``/``up_proj`` layer rank 0's tokens all take the last expert, rank 1's never do, and one
@@ -18,8 +20,8 @@ import os
 import pytest
 import torch
 
-from tests.dist.common import (ROOT, make_data, make_model_dir, read_adapter_tensors, read_record, run_driver,
-                               step_logs, train_flags)
+from tests.dist.common import (ROOT, make_data, make_model_dir, make_tokenizer_dir, read_adapter_tensors,
+                               read_record, read_state, run_driver, step_logs, train_flags)
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.dist
@@ -42,11 +44,13 @@ def _deepspeed_reason() -> str | None:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """The tiny skewed Qwen2 on disk and the data; ``ws.run(name, stage, nproc, extra)`` trains once."""
+    """The tiny skewed Qwen2 and its tokenizer on disk and the data; ``ws.run(name, stage, nproc, extra)``
+    trains once (``console=True``: ``-m medcare train`` itself, without the driver's recorder and skew)."""
     root = tmp_path_factory.mktemp("dist")
 
     class Workspace:
         model = make_model_dir(str(root / "model"))
+        tokenizer = make_tokenizer_dir(str(root / "tokenizer"))
         data = make_data(str(root / "data.jsonl"), STEPS)
 
         @staticmethod
@@ -55,12 +59,15 @@ def ws(tmp_path_factory):
 
         @classmethod
         def run(cls, name: str, stage: int, nproc: int, extra=(), driver_flags=(), expect_rc: int = 0,
-                accelerate_config: str | None = None) -> str:
+                accelerate_config: str | None = None, console: bool = False) -> str:
             out = cls.out(name)
-            flags = train_flags(out, cls.model, cls.data, stage, per_device=4 // nproc, steps=STEPS,
+            flags = train_flags(out, cls.model, cls.tokenizer, cls.data, stage, per_device=4 // nproc, steps=STEPS,
                                 extra=list(extra))
-            run_driver(flags, nproc=nproc, record=out, driver_flags=("--skew", *driver_flags), expect_rc=expect_rc,
-                       accelerate_config=accelerate_config)
+            proc = run_driver(flags, nproc=nproc, record=out, expect_rc=expect_rc, accelerate_config=accelerate_config,
+                              driver_flags=() if console else ("--skew", *driver_flags), console=console)
+            # the command's own last line (rank 0): what ran is medcare train, to its end
+            if expect_rc == 0:
+                assert f"[medcare] stage-{stage} adapter written to {out}" in proc.stdout, proc.stdout[-3000:]
             return out
 
     return Workspace
@@ -128,26 +135,34 @@ def test_ddp_stage2_matches_one_process(ws, ref1, ref2):
     assert pen[-1] < pen[0]  # the penalty trains
 
 
-def kill_and_resume(ws, name: str, extra=()) -> str:
-    """Stop both processes hard right after the step-2 checkpoint, then resume from it and finish."""
+def kill_and_resume(ws, name: str, extra=(), console: bool = False) -> tuple[str, dict]:
+    """Stop both processes hard right after the step-2 checkpoint, then resume from it and finish.
+
+    Returns the output directory and the resumed run's record (with ``console``: the resumed run is
+    ``torchrun ... -m -- medcare train`` itself, and the record is the ``trainer_state.json`` it writes).
+    """
     extra = [*extra, "--save_strategy", "steps", "--save_steps", "2"]
     out = ws.run(name, 1, 2, extra, driver_flags=("--kill_at", "2"), expect_rc=1)
     ckpt = os.path.join(out, "checkpoint-2")
     assert os.path.isfile(os.path.join(ckpt, "adapter.safetensors"))
     assert not os.path.exists(os.path.join(out, "adapter.safetensors"))  # it did stop before the end
     assert read_record(out)["global_step"] == 2
-    ws.run(name, 1, 2, [*extra, "--resume_from_checkpoint", ckpt])
-    assert len(step_logs(read_record(out), "loss")) == STEPS  # steps 1-2 from the checkpoint's state, 3-4 run
-    return out
+    # the routers (skewed by the first run's driver) come back from the checkpoint's adapter
+    ws.run(name, 1, 2, [*extra, "--resume_from_checkpoint", ckpt], console=console)
+    record = read_state(out) if console else read_record(out)
+    assert record["global_step"] == STEPS
+    assert len(step_logs(record, "loss")) == STEPS  # steps 1-2 from the checkpoint's state, 3-4 run
+    return out, record
 
 
 def test_ddp_kill_and_resume_matches_uninterrupted_run(ws, ddp1):
-    out = kill_and_resume(ws, "resume_ddp")
+    """The resumed run is the command itself: ``torchrun --nproc_per_node 2 -m -- medcare train ...``."""
+    out, record = kill_and_resume(ws, "resume_ddp", console=True)
     got, want = read_adapter_tensors(out), read_adapter_tensors(ddp1)
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
-    torch.testing.assert_close(torch.tensor(step_logs(read_record(out), "loss")),
+    torch.testing.assert_close(torch.tensor(step_logs(record, "loss")),
                                torch.tensor(step_logs(read_record(ddp1), "loss")))
 
 
@@ -172,12 +187,12 @@ def test_fsdp2_stage2_matches_one_process(ws, ref1, ref2):
 
 def test_fsdp2_kill_and_resume_matches_one_process(ws, ref1):
     """Resuming loads the adapter into the sharded parameters (each rank its shard) and FSDP's optimizer."""
-    out = kill_and_resume(ws, "resume_fsdp", FSDP_FLAGS)
+    out, record = kill_and_resume(ws, "resume_fsdp", FSDP_FLAGS)
     got, want = read_adapter_tensors(out), read_adapter_tensors(ref1)
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=2e-5, msg=k)
-    torch.testing.assert_close(torch.tensor(step_logs(read_record(out), "loss")),
+    torch.testing.assert_close(torch.tensor(step_logs(record, "loss")),
                                torch.tensor(step_logs(read_record(ref1), "loss")), rtol=1e-5, atol=1e-6)
 
 
