@@ -9,6 +9,8 @@ import zlib
 import pytest
 import torch
 
+from tests import oracle
+
 # The triton backend's kernels run on the CPU under the interpreter (tests/test_triton.py): the switch
 # must be set before triton decorates them, i.e. before medcare_kernels.triton is first imported.
 # On a machine with a GPU the kernels run compiled and the variable is left alone.
@@ -41,8 +43,8 @@ def assert_close(actual, expected, dtype, name=""):
     """``actual`` (any dtype) matches the float64 ``expected`` within ``TOL[dtype]``, normalised."""
     assert actual is not None, f"{name}: gradient missing"
     assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    a = actual.detach().to(torch.float64)
-    e = expected.detach().to(torch.float64)
+    a = actual.detach().to(device="cpu", dtype=torch.float64)  # a device result against the CPU oracle
+    e = expected.detach().to(device="cpu", dtype=torch.float64)
     assert torch.isfinite(a).all(), f"{name}: non-finite values"
     if e.numel() == 0:
         return
@@ -52,6 +54,27 @@ def assert_close(actual, expected, dtype, name=""):
         return
     err = ((a - e).abs().max() / scale).item()
     assert err <= TOL[dtype], f"{name}: normalised max error {err:.3g} > {TOL[dtype]:.1g} ({dtype})"
+
+
+def assert_routing_near_ties(indices, logits64, top_k, tol):
+    """The library's ``indices`` [T, k] are k distinct experts per token and match the float64 oracle's
+    top-k of ``logits64`` [T, E] (ties to the lower index), except at genuine near-ties: where a row's
+    expert *set* differs, the gap between its k-th and (k+1)-th largest probability is below ``tol``; where
+    only the *order* differs, the gap between two consecutive probabilities among its k largest is."""
+    indices = indices.cpu()
+    assert (indices.sort(1).values.diff(1) > 0).all(), "k distinct experts per token"
+    want = oracle.route_indices(logits64, top_k)
+    set_differs = (indices.sort(1).values != want.sort(1).values).any(1)
+    order_differs = (indices != want).any(1) & ~set_differs
+    assert (oracle.topk_margin(logits64, top_k)[set_differs] < tol).all(), "routed experts differ beyond near-ties"
+    # order_margin(., k - 1): the smallest gap between consecutive probabilities among the k largest
+    assert (oracle.order_margin(logits64, top_k - 1)[order_differs] < tol).all(), \
+        "order of the routed experts differs beyond near-ties"
+
+
+def leaf_on(t, device):
+    """A leaf copy of ``t`` on ``device`` (same strides, same requires_grad); None stays None."""
+    return None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
 
 
 def grads_of(outputs_and_seeds, inputs):

@@ -17,7 +17,7 @@ from tests import oracle
 from tests import test_molora_linear as molora_tests
 from tests import test_orthogonal_penalty as penalty_tests
 from tests import test_route as route_tests
-from tests.conftest import assert_close, grads_of
+from tests.conftest import assert_close, leaf_on
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -44,49 +44,16 @@ def _cuda_backend_runs():
     assert reason is None, f"the cuda backend cannot run on this GPU machine: {reason}"
 
 
-def dev_leaf(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A CUDA leaf copy of ``t`` (same strides, same requires_grad)."""
-    return None if t is None else t.detach().to(DEV).requires_grad_(t.requires_grad)
-
-
 # ------------------------------------------------------------------------------------------------ route
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("T,E,top_k", ROUTE_CASES)
 def test_route_matches_float64_oracle(T, E, top_k, dtype):
-    logits_cpu = (torch.randn(T, E) * 2).to(dtype)
-    logits = logits_cpu.to(DEV).requires_grad_(True)
-    weights, indices = mk.route(logits, top_k, backend="cuda")
-    acc = F64 if dtype == F64 else F32
-    assert weights.shape == (T, top_k) and weights.dtype == acc and weights.device.type == "cuda"
-    assert indices.shape == (T, top_k) and indices.dtype == torch.int64
-    ref = logits_cpu.to(F64).requires_grad_(True)
-    idx = indices.cpu()
-    if T:
-        differs = (idx != oracle.route_indices(ref, top_k)).any(1)
-        assert (oracle.topk_margin(ref, top_k)[differs] < 1e-6).all()
-        assert (idx.sort(1).values.diff(1) > 0).all(), "k distinct experts per token"
-    w64, _ = oracle.route(ref, top_k, idx)
-    tol = F64 if dtype == F64 else F32
-    assert_close(weights.cpu(), w64, tol, "weights")
-    if T:
-        assert (weights[:, :-1] >= weights[:, 1:]).all(), "weights come in descending order"
-    g = torch.randn(T, top_k, dtype=F64)
-    (got,) = torch.autograd.grad((weights.double() * g.to(DEV)).sum(), logits, allow_unused=True)
-    (want,) = torch.autograd.grad((w64 * g).sum(), ref)
-    assert got is not None and got.dtype == dtype
-    assert_close(got.cpu(), want, tol if dtype in (F32, F64) else dtype, "d logits")
+    route_tests.check(T, E, top_k, dtype, "cuda", device=DEV)
 
 
 def test_route_ties_go_to_the_lower_index():
-    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0],
-                           [2.0, 2.0, 2.0, 2.0, 2.0],
-                           [0.0, 5.0, 1.0, 5.0, 1.0]], device=DEV)
-    for dtype in (F32, BF16, F16):
-        assert mk.route(logits.to(dtype), 2, backend="cuda")[1].tolist() == [[1, 2], [0, 1], [1, 3]]
-        assert mk.route(logits.to(dtype), 3, backend="cuda")[1].tolist() == [[1, 2, 3], [0, 1, 2], [1, 3, 2]]
-    wide = torch.zeros(2, 100, device=DEV)  # every expert tied, more experts than lanes and k > 32
-    assert mk.route(wide, 40, backend="cuda")[1].tolist() == [list(range(40))] * 2
+    route_tests.check_ties("cuda", device=DEV)
 
 
 def test_route_kernels_match_the_torch_backend_on_the_gpu():
@@ -112,18 +79,7 @@ EMPTY_LAYERS = [(0, 4, 8), (3, 0, 6), (2, 3, 0), (4, 5, 9)]
 @pytest.mark.parametrize("layers", [*PENALTY_LAYERS, BIG_LAYERS, EMPTY_LAYERS],
                          ids=[f"torch-case-{i}" for i in range(len(PENALTY_LAYERS))] + ["big", "empty"])
 def test_penalty_matches_float64_oracle(layers, dtype):
-    base_cpu, orth_cpu = penalty_tests.make(layers, dtype)
-    base, orth = [dev_leaf(t) for t in base_cpu], [dev_leaf(t) for t in orth_cpu]
-    p = mk.orthogonal_penalty(base, orth, backend="cuda")
-    assert p.shape == () and p.dtype == F32 and p.device.type == "cuda"
-    base64, orth64 = [oracle.leaf64(t) for t in base_cpu], [oracle.leaf64(t) for t in orth_cpu]
-    p64 = oracle.orthogonal_penalty(base64, orth64)
-    assert_close(p.cpu(), p64, F32, "penalty")
-    got = torch.autograd.grad(p, base + orth)
-    want = torch.autograd.grad(p64, base64 + orth64, allow_unused=True)
-    for i, (g, w, t) in enumerate(zip(got, want, base + orth)):
-        assert g.dtype == t.dtype and g.shape == t.shape
-        assert_close(g.cpu(), torch.zeros_like(t.cpu(), dtype=F64) if w is None else w, dtype, f"grad {i}")
+    penalty_tests.check(layers, dtype, "cuda", device=DEV)
 
 
 def test_penalty_is_bitwise_deterministic():
@@ -141,7 +97,7 @@ def test_penalty_is_bitwise_deterministic():
 def test_penalty_frozen_base_and_mixed_dtypes():
     base_cpu = [torch.randn(8, 40), torch.randn(4, 24).to(BF16)]
     orth_cpu = [torch.randn(6, 40).to(F16).requires_grad_(True), torch.randn(4, 24).requires_grad_(True)]
-    base, orth = [dev_leaf(t) for t in base_cpu], [dev_leaf(t) for t in orth_cpu]
+    base, orth = [leaf_on(t, DEV) for t in base_cpu], [leaf_on(t, DEV) for t in orth_cpu]
     p = mk.orthogonal_penalty(base, orth, backend="cuda")
     grads = torch.autograd.grad(p, orth)
     base64, orth64 = [oracle.leaf64(t) for t in base_cpu], [oracle.leaf64(t) for t in orth_cpu]
@@ -163,57 +119,10 @@ def test_penalty_zero_when_orthogonal():
 NAMES = molora_tests.NAMES
 
 
-def check_molora(inp_cpu, top_k, scaling, dtype, logits_grad=False):
-    """Forward and every gradient of backend='cuda' on the GPU vs the float64 oracle on the CPU (on the
-    library's routing, which must agree with the oracle's except at genuine near-ties)."""
-    inp = {n: dev_leaf(t) for n, t in inp_cpu.items()}
-    y, logits = mk.molora_linear(*[inp[n] for n in NAMES[:9]], top_k=top_k, scaling=scaling, lora_x=inp["lora_x"],
-                                 backend="cuda")
-    d_out = inp["weight"].shape[0]
-    T = inp["x"].numel() // inp["x"].shape[-1]
-    assert y.shape == (*inp["x"].shape[:-1], d_out) and y.dtype == inp["x"].dtype and y.is_cuda
-    assert logits.shape == (T, inp["router_weight"].shape[0]) and logits.dtype == F32
-
-    d_in = inp["weight"].shape[1]
-    lx = inp["lora_x"]
-    with torch.no_grad():
-        out = ops.molora_linear(inp["x"].detach().reshape(-1, d_in).contiguous(), inp["weight"], inp["bias"],
-                                inp["router_weight"], inp["router_bias"], inp["lora_A"], inp["lora_B"],
-                                inp["shared_A"], inp["shared_B"],
-                                None if lx is None else lx.detach().reshape(-1, d_in).contiguous(), top_k, scaling,
-                                "cuda")
-    idx = out[3].cpu()
-    ref = {n: oracle.leaf64(inp_cpu[n]) for n in NAMES}
-    x2 = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
-    y64, logits64, _ = oracle.molora(x2(ref["x"]), ref["weight"], ref["bias"], ref["router_weight"],
-                                     ref["router_bias"], ref["lora_A"], ref["lora_B"], ref["shared_A"],
-                                     ref["shared_B"], top_k, scaling, lora_x=x2(ref["lora_x"]), indices=idx)
-    if T:
-        differs = (idx != oracle.route_indices(logits64.detach(), top_k)).any(1)
-        assert (oracle.topk_margin(logits64, top_k)[differs] < 1e-4).all(), "routing differs beyond near-ties"
-    assert_close(y.reshape(T, d_out).cpu(), y64, dtype, "y")
-    assert_close(logits.cpu(), logits64, F32, "router_logits")
-
-    gy = torch.randn(y.shape).to(y.dtype).to(F64)
-    seeds, seeds64 = [(y, gy.to(DEV))], [(y64, gy.reshape(T, d_out))]
-    if logits_grad:
-        gl = torch.randn(logits.shape, dtype=F64)
-        seeds.append((logits, gl.to(DEV)))
-        seeds64.append((logits64, gl))
-    got = grads_of(seeds, [inp[n] for n in NAMES])
-    want = grads_of(seeds64, [ref[n] for n in NAMES])
-    for name, g, w, t in zip(NAMES, got, want, [inp[n] for n in NAMES]):
-        if t is None or not t.requires_grad:
-            assert g is None
-            continue
-        assert g.dtype == t.dtype, f"{name} grad dtype"
-        assert_close((g.reshape(w.shape) if name in ("x", "lora_x") else g).cpu(), w, dtype, f"d{name}")
-
-
 @pytest.mark.parametrize("dtype", molora_tests.DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("T,E,top_k,r,r_s", molora_tests.CASES)
 def test_molora_matches_float64_oracle(T, E, top_k, r, r_s, dtype):
-    check_molora(molora_tests.make(T, 40, 24, E, r, r_s, dtype), top_k, 1.7, dtype)
+    molora_tests.check(molora_tests.make(T, 40, 24, E, r, r_s, dtype), top_k, 1.7, "cuda", dtype, device=DEV)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=lambda d: str(d).split(".")[1])
@@ -221,11 +130,12 @@ def test_molora_matches_float64_oracle(T, E, top_k, r, r_s, dtype):
 def test_molora_variants(variant, dtype):
     opts = dict(molora_tests.VARIANTS[variant])
     r_s = opts.pop("r_s", 12)
-    check_molora(molora_tests.make(50, 33, 20, 6, 4, r_s, dtype, **opts), 2, 0.5, dtype)
+    molora_tests.check(molora_tests.make(50, 33, 20, 6, 4, r_s, dtype, **opts), 2, 0.5, "cuda", dtype, device=DEV)
 
 
 def test_molora_gradient_through_router_logits():
-    check_molora(molora_tests.make(40, 24, 16, 8, 4, 8, F32), 2, 1.0, F32, logits_grad=True)
+    molora_tests.check(molora_tests.make(40, 24, 16, 8, 4, 8, F32), 2, 1.0, "cuda", F32, device=DEV,
+                       logits_grad=True)
 
 
 @pytest.mark.parametrize("x_dtype,router_dtype,lora_dtype", [(BF16, F32, BF16), (F16, F32, F32), (F32, BF16, BF16),
@@ -236,7 +146,7 @@ def test_molora_mixed_parameter_dtypes(x_dtype, router_dtype, lora_dtype):
         inp[n] = inp[n].detach().to(router_dtype).requires_grad_(True)
     dtypes = {x_dtype, router_dtype, lora_dtype}
     coarsest = BF16 if BF16 in dtypes else (F16 if F16 in dtypes else F32)  # gradients come back in each dtype
-    check_molora(inp, 2, 0.9, coarsest)
+    molora_tests.check(inp, 2, 0.9, "cuda", coarsest, device=DEV)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=lambda d: str(d).split(".")[1])
@@ -265,10 +175,10 @@ def test_decode_path_is_used_for_few_tokens(monkeypatch):
     calls = []
     real = cuda_molora._torch.forward
     monkeypatch.setattr(cuda_molora._torch, "forward", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    inp = {n: dev_leaf(t) for n, t in molora_tests.make(64, 40, 24, 8, 4, 8, BF16).items()}
+    inp = {n: leaf_on(t, DEV) for n, t in molora_tests.make(64, 40, 24, 8, 4, 8, BF16).items()}
     mk.molora_linear(*[inp[n] for n in NAMES[:9]], top_k=2, scaling=1.0, backend="cuda")
     assert calls == [], "64 tokens run the decode kernels"
-    inp = {n: dev_leaf(t) for n, t in molora_tests.make(65, 40, 24, 8, 4, 8, BF16).items()}
+    inp = {n: leaf_on(t, DEV) for n, t in molora_tests.make(65, 40, 24, 8, 4, 8, BF16).items()}
     mk.molora_linear(*[inp[n] for n in NAMES[:9]], top_k=2, scaling=1.0, backend="cuda")
     assert calls == [65], "65 tokens run the torch backend"
 
@@ -296,18 +206,8 @@ def test_auto_picks_cuda_where_documented():
 
 
 def test_torch_compile_fullgraph_with_the_cuda_backend():
-    from tests.test_custom_ops import Tiny
-    model = Tiny().to(DEV)
-    x = torch.randn(2, 5, 16, device=DEV)
-    params = [p for p in model.parameters() if p.requires_grad]
-    eager = model(x)
-    eager_grads = torch.autograd.grad(eager, params)
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    grads = torch.autograd.grad(out, params)
-    torch.testing.assert_close(out, eager)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e)
+    from tests.test_custom_ops import check_compile_fullgraph_matches_eager
+    check_compile_fullgraph_matches_eager(DEV)
 
 
 def test_opcheck_compiled_ops():

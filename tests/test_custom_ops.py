@@ -53,14 +53,20 @@ class Tiny(torch.nn.Module):
         return out.square().mean() + w.mean() + 1e-3 * pen
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    model = Tiny()
-    x = torch.randn(2, 5, 16)
+def check_compile_fullgraph_matches_eager(device="cpu"):
+    """``torch.compile(fullgraph=True)`` of :class:`Tiny` on ``device``: the eager output and gradients."""
+    model = Tiny().to(device)
+    x = torch.randn(2, 5, 16, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
     eager = model(x)
-    eager_grads = torch.autograd.grad(eager, [p for p in model.parameters() if p.requires_grad])
+    eager_grads = torch.autograd.grad(eager, params)
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
-    grads = torch.autograd.grad(out, [p for p in model.parameters() if p.requires_grad])
+    grads = torch.autograd.grad(out, params)
     torch.testing.assert_close(out, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    check_compile_fullgraph_matches_eager()

@@ -7,7 +7,7 @@ import torch
 
 import medcare_kernels as mk
 from tests import oracle
-from tests.conftest import assert_close, grads_of
+from tests.conftest import assert_close, grads_of, leaf_on
 
 NAMES = ("x", "weight", "bias", "lora_A", "lora_B", "lora_x")
 
@@ -30,21 +30,25 @@ def make(shape, d_out, r, dtype, *, lora_dtype=None, bias=True, lora_x=False, we
                 lora_x=rand(*shape) if lora_x else None)
 
 
-def check(inp, scaling, backend, dtype):
-    y = mk.lora_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_A"], inp["lora_B"], scaling=scaling,
-                       lora_x=inp["lora_x"], backend=backend)
+def check(inp, scaling, backend, dtype, *, device="cpu"):
+    """Forward and every gradient of the library on ``device`` (leaf copies of the CPU tensors ``inp``)
+    vs the float64 oracle on the CPU."""
+    dev = {n: leaf_on(inp[n], device) for n in NAMES}
+    y = mk.lora_linear(dev["x"], dev["weight"], dev["bias"], dev["lora_A"], dev["lora_B"], scaling=scaling,
+                       lora_x=dev["lora_x"], backend=backend)
     assert y.shape == (*inp["x"].shape[:-1], inp["weight"].shape[0]) and y.dtype == inp["x"].dtype
+    assert y.device == dev["x"].device
     ref = {n: oracle.leaf64(inp[n]) for n in NAMES}
     y64 = oracle.lora(ref["x"], ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], scaling, ref["lora_x"])
     assert_close(y, y64, dtype, "y")
     gy = torch.randn(y.shape).to(y.dtype).to(torch.float64)  # what the library receives, exactly
-    got = grads_of([(y, gy)], [inp[n] for n in NAMES])
+    got = grads_of([(y, gy.to(y.device))], [dev[n] for n in NAMES])
     want = grads_of([(y64, gy)], [ref[n] for n in NAMES])
-    for name, g, w, t in zip(NAMES, got, want, [inp[n] for n in NAMES]):
+    for name, g, w, t in zip(NAMES, got, want, [dev[n] for n in NAMES]):
         if t is None or not t.requires_grad:
             assert g is None
             continue
-        assert g.dtype == t.dtype
+        assert g.dtype == t.dtype and g.device == t.device, f"{name} grad dtype/device"
         assert_close(g, w, dtype, f"d{name}")
 
 

@@ -7,7 +7,7 @@ import torch
 
 import medcare_kernels as mk
 from tests import oracle
-from tests.conftest import assert_close
+from tests.conftest import assert_close, leaf_on
 
 # (r_base, r_orth, d) per layer: several shapes, repeated shapes (batched together), ragged d.
 LAYERS = [(32, 32, 48), (32, 32, 48), (32, 32, 80), (16, 8, 48), (4, 4, 7), (32, 32, 80)]
@@ -19,21 +19,27 @@ def make(layers, dtype, grad_base=True):
     return base, orth
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("layers", [LAYERS, LAYERS[:1], [(1, 1, 1)]], ids=["ragged", "one", "tiny"])
-def test_matches_float64_oracle(layers, dtype, backend):
-    base, orth = make(layers, dtype)
+def check(layers, dtype, backend, *, device="cpu"):
+    """Penalty and both sequences' gradients of the library on ``device`` vs the float64 oracle on the CPU."""
+    base_cpu, orth_cpu = make(layers, dtype)
+    base, orth = [leaf_on(t, device) for t in base_cpu], [leaf_on(t, device) for t in orth_cpu]
     p = mk.orthogonal_penalty(base, orth, backend=backend)
-    assert p.shape == () and p.dtype == torch.float32
-    base64, orth64 = [oracle.leaf64(t) for t in base], [oracle.leaf64(t) for t in orth]
+    assert p.shape == () and p.dtype == torch.float32 and p.device == base[0].device
+    base64, orth64 = [oracle.leaf64(t) for t in base_cpu], [oracle.leaf64(t) for t in orth_cpu]
     p64 = oracle.orthogonal_penalty(base64, orth64)
     assert_close(p, p64, torch.float32, "penalty")  # float32 math on exactly upcast inputs
     got = torch.autograd.grad(p, base + orth)
     want = torch.autograd.grad(p64, base64 + orth64)
     for i, (g, w, t) in enumerate(zip(got, want, base + orth)):
-        assert g.dtype == t.dtype and g.shape == t.shape
+        assert g.dtype == t.dtype and g.shape == t.shape and g.device == t.device
         assert_close(g, w, dtype, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("layers", [LAYERS, LAYERS[:1], [(1, 1, 1)]], ids=["ragged", "one", "tiny"])
+def test_matches_float64_oracle(layers, dtype, backend):
+    check(layers, dtype, backend)
 
 
 def test_frozen_base_gets_no_gradient():

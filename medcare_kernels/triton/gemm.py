@@ -40,6 +40,22 @@ _RED_CONFIGS = [cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk) for bm, bn, bk, w,
 _RED_INTERP = cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
 
 
+@triton.jit
+def _dot_segment(acc, a_ptr, s_am, s_ak, OFF, b_ptr, s_bk, s_bn, K, K_END, rm64, mmask, rn, nmask,
+                 BK: tl.constexpr):
+    """``acc + a[rm, OFF:OFF + K] @ b[:K, rn]`` in steps of ``BK`` up to ``K_END`` (>= K): ``a`` addressed as
+    ``row * s_am + OFF + k * s_ak``, ``b`` as ``k * s_bk + n * s_bn``; rows, columns and k past K masked."""
+    ck = tl.arange(0, BK)
+    for k0 in range(0, K_END, BK):
+        kk = k0 + ck
+        kv = kk < K
+        a = tl.load(a_ptr + rm64[:, None] * s_am + OFF + kk[None, :] * s_ak, mask=mmask[:, None] & kv[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=kv[:, None] & nmask[None, :], other=0.0)
+        acc = mma(a, b, acc)
+    return acc
+
+
 @autotune(_EXT_CONFIGS, _EXT_INTERP, key=["M_BUCKET", "N", "K0", "s_b0k", "E", "R", "RS", "NL", "BASE", "ACC",
                                                 "SKIP"],
           restore_value=["c_ptr"])
@@ -67,15 +83,7 @@ def _ext_gemm_kernel(a0_ptr, b0_ptr, bias_ptr, hz_ptr, br_ptr, bs_ptr, hl_ptr, b
     rm64 = rm.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if BASE:
-        ck = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K0, BLOCK_K):
-            kk = k0 + ck
-            kv = kk < K0
-            a = tl.load(a0_ptr + rm64[:, None] * s_a0m + kk[None, :] * s_a0k, mask=mmask[:, None] & kv[None, :],
-                        other=0.0)
-            b = tl.load(b0_ptr + kk[:, None] * s_b0k + rn[None, :] * s_b0n, mask=kv[:, None] & nmask[None, :],
-                        other=0.0)
-            acc = mma(a, b, acc)
+        acc = _dot_segment(acc, a0_ptr, s_a0m, s_a0k, 0, b0_ptr, s_b0k, s_b0n, K0, K0, rm64, mmask, rn, nmask, BLOCK_K)
     if ROUTED:
         if SKIP:
             cj = tl.arange(0, KP)
@@ -97,23 +105,9 @@ def _ext_gemm_kernel(a0_ptr, b0_ptr, bias_ptr, hz_ptr, br_ptr, bs_ptr, hl_ptr, b
                         mask=kv[:, None] & nmask[None, :], other=0.0)
             acc = mma(h, b, acc)
     if SHARED:
-        cs = tl.arange(0, BKS)
-        for k0 in range(0, RS_PAD, BKS):
-            kk = k0 + cs
-            kv = kk < RS
-            h = tl.load(hz_ptr + rm64[:, None] * s_hz + WR + kk[None, :], mask=mmask[:, None] & kv[None, :], other=0.0)
-            b = tl.load(bs_ptr + kk[:, None] * s_bsc + rn[None, :] * s_bsn, mask=kv[:, None] & nmask[None, :],
-                        other=0.0)
-            acc = mma(h, b, acc)
+        acc = _dot_segment(acc, hz_ptr, s_hz, 1, WR, bs_ptr, s_bsc, s_bsn, RS, RS_PAD, rm64, mmask, rn, nmask, BKS)
     if ROUTER:
-        cl = tl.arange(0, BKL)
-        for k0 in range(0, NL_PAD, BKL):
-            kk = k0 + cl
-            kv = kk < NL
-            h = tl.load(hl_ptr + rm64[:, None] * s_hl + kk[None, :], mask=mmask[:, None] & kv[None, :], other=0.0)
-            b = tl.load(bl_ptr + kk[:, None] * s_blc + rn[None, :] * s_bln, mask=kv[:, None] & nmask[None, :],
-                        other=0.0)
-            acc = mma(h, b, acc)
+        acc = _dot_segment(acc, hl_ptr, s_hl, 1, 0, bl_ptr, s_blc, s_bln, NL, NL_PAD, rm64, mmask, rn, nmask, BKL)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rm64[:, None] * s_cm + rn[None, :]

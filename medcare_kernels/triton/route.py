@@ -54,14 +54,21 @@ def route_grad(p, chosen, d_w):
 
 
 @triton.jit
-def _route_fwd_kernel(logits_ptr, w_ptr, idx_ptr, T, E, K, s_lt,
-                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+def _block_probs(logits_ptr, T, E, s_lt, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's block of tokens: ``(rt, ce, tmask, valid, p)``, its rows and expert columns with
+    their masks, and the float32 softmax of its logits (0 in the padding columns)."""
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     ce = tl.arange(0, BLOCK_E)
     tmask = rt < T
     valid = ce < E
     lg = tl.load(logits_ptr + rt[:, None] * s_lt + ce[None, :], mask=tmask[:, None] & valid[None, :], other=0.0)
-    p = softmax_rows(lg.to(tl.float32), valid)
+    return rt, ce, tmask, valid, softmax_rows(lg.to(tl.float32), valid)
+
+
+@triton.jit
+def _route_fwd_kernel(logits_ptr, w_ptr, idx_ptr, T, E, K, s_lt,
+                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    rt, ce, tmask, valid, p = _block_probs(logits_ptr, T, E, s_lt, BLOCK_T, BLOCK_E)
     rank = topk_rank(p, ce, valid, K)
     s = tl.sum(tl.where(rank >= 0, p, 0.0), axis=1)
     for j in range(K):
@@ -75,12 +82,7 @@ def _route_fwd_kernel(logits_ptr, w_ptr, idx_ptr, T, E, K, s_lt,
 @triton.jit
 def _route_bwd_kernel(g_ptr, logits_ptr, idx_ptr, out_ptr, T, E, K, s_lt,
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ce = tl.arange(0, BLOCK_E)
-    tmask = rt < T
-    valid = ce < E
-    lg = tl.load(logits_ptr + rt[:, None] * s_lt + ce[None, :], mask=tmask[:, None] & valid[None, :], other=0.0)
-    p = softmax_rows(lg.to(tl.float32), valid)
+    rt, ce, tmask, valid, p = _block_probs(logits_ptr, T, E, s_lt, BLOCK_T, BLOCK_E)
     chosen = tl.zeros((BLOCK_T, BLOCK_E), tl.int1)
     d_w = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
     for j in range(K):

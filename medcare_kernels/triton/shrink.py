@@ -95,6 +95,32 @@ def _block_t(T: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# the tile of a shrink program (forward and backward)
+
+
+@triton.jit
+def _tile(T, D, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's block of tokens and slice of the reduction over ``D`` (grid: token blocks x SPLIT):
+    ``(pid_k, rt, tmask, rt64, ck, k_lo, per)``; the slice is ``range(k_lo, k_lo + per, BLOCK_K)``."""
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = rt < T
+    rt64 = rt.to(tl.int64)
+    ck = tl.arange(0, BLOCK_K)
+    per = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT) * BLOCK_K  # this program's slice of the reduction
+    k_lo = pid_k * per
+    return pid_k, rt, tmask, rt64, ck, k_lo, per
+
+
+@triton.jit
+def _store_partial(ws_ptr, acc, pid_k, rt64, tmask, T, WS, OFF: tl.constexpr, WIDTH: tl.constexpr):
+    """Write one accumulator's float32 split-K partial (summed by :func:`_load_partials`)."""
+    c = tl.arange(0, WIDTH)
+    tl.store(ws_ptr + pid_k.to(tl.int64) * T * WS + rt64[:, None] * WS + OFF + c[None, :], acc, mask=tmask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------
 # forward
 
 
@@ -160,15 +186,8 @@ def _shrink_fwd_kernel(x_ptr, lx_ptr, a_ptr, as_ptr, wr_ptr, br_ptr,
                        ROUTED: tl.constexpr, SHARED: tl.constexpr, ROUTER: tl.constexpr, HAS_LX: tl.constexpr,
                        HAS_RBIAS: tl.constexpr, WRITE_H: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = rt < T
-    rt64 = rt.to(tl.int64)
-    ck = tl.arange(0, BLOCK_K)
-    per = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT) * BLOCK_K  # this program's slice of the reduction
-    k_lo = pid_k * per
-
+    pid_k, rt, tmask, rt64, ck, k_lo, per = _tile(T, D, SPLIT, BLOCK_T, BLOCK_K)
+    # A_all [E, r, d_in] read as [d_in, (e, c)]; A_s [r_s, d_in]; W_r [E, d_in].
     nr = tl.arange(0, E_R * R_PAD)
     er = nr // R_PAD
     cr = nr % R_PAD
@@ -198,13 +217,12 @@ def _shrink_fwd_kernel(x_ptr, lx_ptr, a_ptr, as_ptr, wr_ptr, br_ptr,
             wt = tl.load(wr_ptr + cl[None, :] * D + kk[:, None], mask=kv[:, None] & (cl < E)[None, :], other=0.0)
             acc_l = mma(xt, wt, acc_l)
     if SPLIT > 1:
-        base = ws_ptr + pid_k.to(tl.int64) * T * WS + rt64[:, None] * WS
         if ROUTED:
-            tl.store(base + nr[None, :], acc_r, mask=tmask[:, None])
+            _store_partial(ws_ptr, acc_r, pid_k, rt64, tmask, T, WS, 0, E_R * R_PAD)
         if SHARED:
-            tl.store(base + E_R * R_PAD + cs[None, :], acc_s, mask=tmask[:, None])
+            _store_partial(ws_ptr, acc_s, pid_k, rt64, tmask, T, WS, E_R * R_PAD, RS_PAD)
         if ROUTER:
-            tl.store(base + E_R * R_PAD + RS_PAD + cl[None, :], acc_l, mask=tmask[:, None])
+            _store_partial(ws_ptr, acc_l, pid_k, rt64, tmask, T, WS, E_R * R_PAD + RS_PAD, EL)
     else:
         _fwd_epilogue(acc_r, acc_s, acc_l, rt, tmask, br_ptr, logits_ptr, w_ptr, idx_ptr, z_ptr, h_ptr,
                       E, R, RS, TOPK, scaling, s_zt, s_ht, Z_SHARED, E_R, R_PAD, RS_PAD, WR, EL,
@@ -346,14 +364,7 @@ def _shrink_bwd_kernel(dy_ptr, b_ptr, bs_ptr, logits_ptr, idx_ptr, z_ptr, gl_ptr
                        E_R: tl.constexpr, R_PAD: tl.constexpr, RS_PAD: tl.constexpr, WR: tl.constexpr, EL: tl.constexpr,
                        ROUTED: tl.constexpr, SHARED: tl.constexpr, HAS_GL: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = rt < T
-    rt64 = rt.to(tl.int64)
-    ck = tl.arange(0, BLOCK_K)
-    per = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT) * BLOCK_K  # this program's slice of the reduction
-    k_lo = pid_k * per
+    pid_k, rt, tmask, rt64, ck, k_lo, per = _tile(T, D, SPLIT, BLOCK_T, BLOCK_K)
     # B_all [E, d_out, r] read as [d_out, (e, c)]; B_s [d_out, r_s].
     nr = tl.arange(0, E_R * R_PAD)
     er = nr // R_PAD
@@ -374,11 +385,10 @@ def _shrink_bwd_kernel(dy_ptr, b_ptr, bs_ptr, logits_ptr, idx_ptr, z_ptr, gl_ptr
             st = tl.load(bs_ptr + kk[:, None] * RS + cs[None, :], mask=kv[:, None] & (cs < RS)[None, :], other=0.0)
             acc_s = mma(dyt, st, acc_s)
     if SPLIT > 1:
-        base = ws_ptr + pid_k.to(tl.int64) * T * WS + rt64[:, None] * WS
         if ROUTED:
-            tl.store(base + nr[None, :], acc_r, mask=tmask[:, None])
+            _store_partial(ws_ptr, acc_r, pid_k, rt64, tmask, T, WS, 0, E_R * R_PAD)
         if SHARED:
-            tl.store(base + E_R * R_PAD + cs[None, :], acc_s, mask=tmask[:, None])
+            _store_partial(ws_ptr, acc_s, pid_k, rt64, tmask, T, WS, E_R * R_PAD, RS_PAD)
     else:
         _bwd_epilogue(acc_r, acc_s, rt, tmask, logits_ptr, idx_ptr, z_ptr, gl_ptr, dz_ptr, h_ptr, dl_ptr,
                       E, R, RS, TOPK, scaling, s_zt, Z_SHARED, W, WZ, E_R, R_PAD, RS_PAD, WR, ROUTED, SHARED, HAS_GL,
