@@ -152,7 +152,6 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
             y.addmm_(z_shared, shared_B.to(acc).T.contiguous(), alpha=scaling)
         gate_flat = gates.view(-1, 1)
         segments = list(_segments(indices, E, top_k))
-        B_T = lora_B.to(acc).transpose(1, 2).contiguous()  # [E, r, d_out]
         # Workspaces reused by every segment: one allocation (and one round of page faults) per call.
         rows = max((len(t) for _, _, t in segments), default=0)
         x_ws = _workspace("x", rows, d_in, acc, x.device)
@@ -162,7 +161,7 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
             xe = torch.index_select(lx, 0, tokens, out=x_ws[:n])
             ze = torch.nn.functional.linear(xe, lora_A[e].to(acc))
             z_slots[tokens, slots % top_k] = ze
-            torch.mm(ze * gate_flat[slots], B_T[e], out=y_ws[:n])
+            torch.matmul(ze * gate_flat[slots], lora_B[e].to(acc).T, out=y_ws[:n])
             y.index_add_(0, tokens, y_ws[:n])
     return y.to(x.dtype), logits, weights, indices, z
 
@@ -216,10 +215,9 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
             if need_bs and r_s:
                 d_Bs = d_cat[:, E * r:]
     else:
-        if need_a:
-            d_A = torch.zeros(E, r, d_in, dtype=acc, device=dev)
-        if need_bb:
-            d_B = torch.zeros(E, d_out, r, dtype=acc, device=dev)
+        # Written expert by expert; only experts that received no token are zeroed.
+        d_A = torch.empty(E, r, d_in, dtype=acc, device=dev) if need_a else None
+        d_B = torch.empty(E, d_out, r, dtype=acc, device=dev) if need_bb else None
         if need_lora_in:
             d_lx = torch.zeros(T, d_in, dtype=acc, device=dev)
         gate_flat = gates.view(-1, 1)
@@ -228,6 +226,11 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
         rows = max((len(t) for _, _, t in segments), default=0)
         dy_ws = _workspace("y", rows, d_out, acc, dev)
         x_ws = _workspace("x", rows, d_in, acc, dev)
+        for e in set(range(E)) - {e for e, _, _ in segments}:
+            if need_a:
+                d_A[e].zero_()
+            if need_bb:
+                d_B[e].zero_()
         for e, slots, tokens in segments:
             n = len(tokens)
             dye = torch.index_select(dy, 0, tokens, out=dy_ws[:n])
