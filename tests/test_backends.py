@@ -64,3 +64,31 @@ def test_formulation_env_is_validated(monkeypatch):
     monkeypatch.setenv("MEDCARE_MOLORA_FORMULATION", "sparse")
     with pytest.raises(ValueError, match="MEDCARE_MOLORA_FORMULATION must be one of"):
         mk.molora_linear(*small(), top_k=2, scaling=1.0)
+
+
+def test_resolution_looks_nothing_up_per_call(monkeypatch):
+    """``resolve_backend`` runs inside ``torch.compile``d code, where dynamo (torch 2.11) refuses to
+    trace ``importlib.util.find_spec``: a graph break under fullgraph=True, seen on an H200. The module
+    lookups happen once, at import, and a call does none."""
+    import importlib.util
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("importlib.util.find_spec called during backend resolution")
+
+    monkeypatch.setattr(importlib.util, "find_spec", refuse)
+    for device in ("cpu", "cuda"):
+        be.available_backends(device)
+        be.resolve_backend("auto", torch.device(device), "route",
+                           choose=lambda available: be.pick_fast(available, torch.float32, ("cuda", "triton")))
+
+
+def test_resolution_for_cuda_tensors_traces_without_graph_breaks():
+    """What ``backend="auto"`` decides for CUDA tensors compiles with fullgraph=True (no GPU needed)."""
+    def pick(x):
+        name = be.resolve_backend("auto", torch.device("cuda"), "route",
+                                  choose=lambda available: be.pick_fast(available, torch.float32, ("cuda", "triton")))
+        reasons = [be.backend_unavailable_reason(b, torch.device("cuda")) for b in be.BACKENDS]
+        return x + be.BACKENDS.index(name) + sum(r is None for r in reasons)
+
+    x = torch.zeros(3)
+    torch.testing.assert_close(torch.compile(pick, fullgraph=True)(x), pick(x))

@@ -233,3 +233,18 @@ def test_saved_state_is_rank_space_only():
     inp = make(T, d_in, d_out, E, r, r_s, torch.float32)
     assert saved_numel(inp, k, "torch") <= T * (k * r + r_s + E + 2 * k)
     assert saved_numel(inp, k, "reference") >= E * T * d_out
+
+
+def test_formulation_heuristic_follows_the_cpu_measurements():
+    """benchmarks/RESULTS.md: grouped for decoding (fewer slots than experts) and for many tokens, dense in
+    between and whenever k = E; on CUDA dense unless E*r is wide."""
+    from medcare_kernels.backends.pytorch.molora_linear import choose_formulation
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_formulation(1, 8, 16, 2, cpu) == "grouped"
+    assert choose_formulation(8, 8, 16, 2, cpu) == "dense"
+    assert choose_formulation(128, 8, 16, 2, cpu) == "grouped"
+    assert choose_formulation(1024, 8, 16, 8, cpu) == "dense"
+    assert choose_formulation(0, 8, 16, 2, cpu) == "dense"
+    assert choose_formulation(4096, 8, 16, 2, cuda) == "dense"
+    assert choose_formulation(4096, 64, 16, 2, cuda) == "grouped"

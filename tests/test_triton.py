@@ -142,8 +142,11 @@ def test_lora_matches_float64_oracle(T, r, dtype):
 
 
 @interp
+@pytest.mark.parametrize("base", ["auto", "cublas"])
 @pytest.mark.parametrize("variant", list(test_lora_linear.VARIANTS))
-def test_lora_variants(variant):
+def test_lora_variants(variant, base, monkeypatch):
+    """Every variant with the default base and with the cuBLAS base (``dy @ W`` by cuBLAS in the backward)."""
+    monkeypatch.setenv("MEDCARE_TRITON_BASE", base)
     opts = dict(test_lora_linear.VARIANTS[variant])
     shape = opts.pop("shape", (50, 40))
     test_lora_linear.check(test_lora_linear.make(shape, 24, 8, torch.bfloat16, **opts), 0.5, "triton",
@@ -151,9 +154,27 @@ def test_lora_variants(variant):
 
 
 @interp
-def test_lora_cublas_base(monkeypatch):
+@pytest.mark.parametrize("variant", ["lora-x", "lora-x-3d", "no-shared", "fp32-lora-params"])
+def test_molora_cublas_base_variants(variant, monkeypatch):
+    """The cuBLAS base (auto's choice from CUBLAS_BASE_MIN_TOKENS tokens): dy @ W by cuBLAS in the backward,
+    the LoRA and router terms of dx added in place, with and without a separate LoRA input."""
     monkeypatch.setenv("MEDCARE_TRITON_BASE", "cublas")
-    test_lora_linear.check(test_lora_linear.make((33, 40), 24, 8, torch.float32), 0.5, "triton", torch.float32)
+    opts = dict(test_molora_linear.VARIANTS[variant])
+    r_s = opts.pop("r_s", 12)
+    test_molora_linear.check(test_molora_linear.make(50, 33, 20, 6, 4, r_s, torch.bfloat16, **opts), 2, 0.5,
+                             "triton", torch.bfloat16)
+
+
+def test_base_mode_auto_switches_to_cublas_for_many_tokens(monkeypatch):
+    from medcare_kernels.triton.molora_linear import CUBLAS_BASE_MIN_TOKENS, base_mode
+
+    assert base_mode(CUBLAS_BASE_MIN_TOKENS - 1) == "triton"
+    assert base_mode(CUBLAS_BASE_MIN_TOKENS) == "cublas"
+    monkeypatch.setenv("MEDCARE_TRITON_BASE", "triton")
+    assert base_mode(10**6) == "triton"
+    monkeypatch.setenv("MEDCARE_TRITON_BASE", "cuBLAS")
+    with pytest.raises(ValueError, match="MEDCARE_TRITON_BASE"):
+        base_mode(1)
 
 
 @interp
@@ -204,7 +225,7 @@ def test_unavailable_reason_names_what_is_missing(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert "TRITON_INTERPRET=1" in be.backend_unavailable_reason("triton", "cpu")
     assert be.backend_unavailable_reason("triton", "cuda") is None
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(be, "_TRITON_INSTALLED", False)  # looked up once, at import
     assert "triton package is not installed" in be.backend_unavailable_reason("triton", "cuda")
 
 

@@ -28,6 +28,7 @@ is never a silent fallback.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -60,12 +61,16 @@ def _cuda_reason(device: torch.device) -> str | None:
     return _extension.unavailable_reason(device)
 
 
+#: Whether triton is installed, looked up once without importing it. Not per call: ``resolve_backend``
+#: runs inside ``torch.compile``d code, and dynamo refuses to trace ``importlib.util.find_spec``
+#: (torch 2.11: "Attempted to call function marked as skipped", a graph break under fullgraph=True).
+_TRITON_INSTALLED: bool = importlib.util.find_spec("triton") is not None
+
+
 def _triton_reason(device: torch.device) -> str | None:
     """None when Triton kernels can run on ``device``: triton is installed (checked without importing
     it) and the device is CUDA, or the CPU with ``TRITON_INTERPRET=1`` (the interpreter, for tests)."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "the triton package is not installed (pip install triton; it ships with torch's CUDA wheels on Linux)"
     if device.type == "cuda":
         return None

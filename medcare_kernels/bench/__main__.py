@@ -22,12 +22,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated method names to keep (the floor always runs)")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of time relative to the floor here")
+    p.add_argument("--tokens", default=None, help="comma-separated token counts to keep (default: the device's list)")
+    p.add_argument("--shapes", default=None, help="comma-separated shape names to keep (default: the device's list)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    shapes, tokens = runner.quick_config() if args.quick else (None, None)
+    shapes, tokens = runner.quick_config() if args.quick else runner.default_config(args.device)
+    if args.tokens:
+        tokens = tuple(int(t) for t in args.tokens.split(","))
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = sorted(set(wanted) - {s.name for s in shapes})
+        if unknown:
+            p.error(f"--shapes: unknown {unknown}; known: {[s.name for s in shapes]}")
+        shapes = tuple(s for s in shapes if s.name in wanted)
     only = tuple(args.methods.split(",")) if args.methods else None
-    rows = runner.run(args.device, dtype, shapes, tokens, args.formulations, not args.no_progress, only)
+    rows = runner.run(args.device, dtype, shapes, tokens, args.formulations, not args.no_progress, only,
+                      echo=True)
     print(f"\nmachine: {runner.machine()}  device: {args.device}  dtype: {str(dtype).replace('torch.', '')}")
     print(runner.summary(rows))
     print(runner.table(rows))

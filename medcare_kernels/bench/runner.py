@@ -48,8 +48,9 @@ def machine() -> str:
 
 def run(device: str = "cpu", dtype: torch.dtype = torch.float32, shapes: tuple[Shape, ...] | None = None,
         tokens: tuple[int, ...] | None = None, formulations: bool = False, progress: bool = True,
-        only: tuple[str, ...] | None = None) -> list[Row]:
-    """Measure every method at every (shape, tokens); ratios are to the floor at the same point."""
+        only: tuple[str, ...] | None = None, echo: bool = False) -> list[Row]:
+    """Measure every method at every (shape, tokens); ratios are to the floor at the same point.
+    ``echo``: print each row as it is measured (a run cut short still leaves its numbers)."""
     gpu = device.startswith("cuda")
     shapes = shapes or (GPU_SHAPES if gpu else CPU_SHAPES)
     tokens = tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
@@ -72,6 +73,9 @@ def run(device: str = "cpu", dtype: torch.dtype = torch.float32, shapes: tuple[S
                 base = (fwd, both, peak)
             rows.append(Row(shape.name, shape.d_in, shape.d_out, t, m.name, fwd, both, fwd / base[0],
                             both / base[1], flops(shape, t, m, True) / both / 1e9, peak, peak - base[2]))
+            if echo:
+                line = row_line(rows[-1])
+                bar.write(line) if bar is not None else print(line, flush=True)
             if bar is not None:
                 bar.update()
         del inp
@@ -127,6 +131,18 @@ def plot(rows: list[Row], path: str) -> None:
 
 def quick_config() -> tuple[tuple[Shape, ...], tuple[int, ...]]:
     return QUICK_SHAPES, QUICK_TOKENS
+
+
+def default_config(device: str) -> tuple[tuple[Shape, ...], tuple[int, ...]]:
+    """The table's shapes and token counts for ``device`` (GPU: Qwen2-7B bf16; CPU: Qwen2-0.5B/1.5B)."""
+    return (GPU_SHAPES, GPU_TOKENS) if device.startswith("cuda") else (CPU_SHAPES, CPU_TOKENS)
+
+
+def row_line(r: Row) -> str:
+    """One measured row as a line of text (what ``echo`` prints while the table is being measured)."""
+    return (f"{r.shape} T={r.tokens} {r.method}: fwd {r.fwd_ms:.3f} ms ({r.ratio_fwd:.2f}x), fwd+bwd "
+            f"{r.fwd_bwd_ms:.3f} ms ({r.ratio_fwd_bwd:.2f}x), {r.tflops_fwd_bwd:.1f} TFLOP/s, "
+            f"+{r.extra_mib:.1f} MiB")
 
 
 def summary(rows: list[Row]) -> str:

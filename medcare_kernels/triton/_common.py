@@ -73,9 +73,17 @@ def split_k(tiles: int, k: int, device: torch.device, min_chunk: int = 512, cap:
     return max(1, min(cdiv(2 * sms, max(tiles, 1)), cdiv(k, min_chunk), cap))
 
 
+#: ``MEDCARE_TRITON_AUTOTUNE=0``: compile only each kernel's first config (no tuning). The GPU test run
+#: sets it: correctness does not depend on the tile shape, and tuning every test shape would cost
+#: minutes of compilation. Benchmarks and users keep the default (tune).
+AUTOTUNE: bool = os.environ.get("MEDCARE_TRITON_AUTOTUNE", "1") != "0"
+
+
 def autotune(configs: list[triton.Config], interp: triton.Config, key: list[str], **kw):
-    """``triton.autotune`` over ``configs`` on a GPU; the single ``interp`` config under the interpreter."""
-    return triton.autotune(configs=[interp] if INTERPRET else configs, key=key, **kw)
+    """``triton.autotune`` over ``configs`` on a GPU (only the first with ``MEDCARE_TRITON_AUTOTUNE=0``);
+    the single ``interp`` config under the interpreter."""
+    chosen = [interp] if INTERPRET else (configs if AUTOTUNE else configs[:1])
+    return triton.autotune(configs=chosen, key=key, **kw)
 
 
 def cfg(num_warps: int = 4, num_stages: int = 2, **meta) -> triton.Config:

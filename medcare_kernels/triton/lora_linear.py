@@ -29,7 +29,7 @@ def forward(x, weight, bias, lora_A, lora_B, lora_x, scaling: float):
     L = _layout(lora_A.shape[0])
     hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     _, _, _, z, h = shrink_forward(x, lora_x, None, lora_A, None, None, L, scaling, hd)
-    if base_mode() == "cublas":
+    if base_mode(x.shape[0]) == "cublas":
         y = torch.nn.functional.linear(x, weight, bias)
         ext_gemm(y, hz=h, shared=lora_B.T, layout=L, accumulate=True)
     else:
@@ -50,12 +50,15 @@ def backward(grad_y, x, lora_x, weight, lora_A, lora_B, z, scaling: float, needs
     d_x = d_a = d_bb = d_lx = None
     if need_x or need_a or need_bb or need_lx:
         dz, h, _ = shrink_backward(grad_y, None, lora_B, None, None, z, None, L, scaling, hd)
-        if need_x:
-            d_x = torch.empty_like(x)
-            if lora_x is None:
-                ext_gemm(d_x, a0=grad_y, b0=weight, hz=dz, shared=lora_A, layout=L)
+        if need_x:  # dx = dy @ W (+ dZ @ A when x is also the LoRA input)
+            ext = dict(hz=dz, shared=lora_A) if lora_x is None else {}
+            if base_mode(x.shape[0]) == "cublas":
+                d_x = torch.mm(grad_y, weight).to(x.dtype)
+                if ext:
+                    ext_gemm(d_x, layout=L, accumulate=True, **ext)
             else:
-                ext_gemm(d_x, a0=grad_y, b0=weight, layout=L)
+                d_x = torch.empty_like(x)
+                ext_gemm(d_x, a0=grad_y, b0=weight, layout=L, **ext)
         if need_lx:
             d_lx = torch.empty_like(lora_x)
             ext_gemm(d_lx, hz=dz, shared=lora_A, layout=L)

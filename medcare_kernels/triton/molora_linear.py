@@ -9,7 +9,8 @@ Dense-masked path (the default; MedCare's E*r = 8x16 = 128):
   skipped). ``MEDCARE_TRITON_BASE=cublas`` computes the base with cuBLAS instead and lets the kernel add
   the LoRA term into ``y`` in one read-modify-write pass.
 * backward: :func:`~medcare_kernels.triton.shrink.shrink_backward` (``dy @ [B_all | B_s]`` with the
-  routing backward fused), one K-extended GEMM for ``dx = dy @ W + dZ @ [A_all; A_s] + d_logits @ W_r``,
+  routing backward fused), one K-extended GEMM for ``dx = dy @ W + dZ @ [A_all; A_s] + d_logits @ W_r``
+  (with the cuBLAS base: ``dy @ W`` by cuBLAS, the rest added in place),
   and token reductions for ``dA``, ``dB``, ``dA_s``, ``dB_s``, ``dW_r``. Nothing of size ``E*T*d_out``
   exists; idle experts' gradients are exact zeros (their ``dZ``/``H`` columns are zeroed, not skipped).
 
@@ -35,11 +36,23 @@ BASE_ENV = "MEDCARE_TRITON_BASE"
 PATH_ENV = "MEDCARE_TRITON_MOLORA_PATH"
 
 
-def base_mode() -> str:
-    """``triton`` (default: the base GEMM in the K-extended kernel) or ``cublas`` (``MEDCARE_TRITON_BASE``)."""
-    mode = os.environ.get(BASE_ENV, "").strip() or "triton"
-    if mode not in ("triton", "cublas"):
-        raise ValueError(f"{BASE_ENV} must be 'triton' or 'cublas', got {mode!r}")
+#: From this many tokens on, ``auto`` computes the frozen base with cuBLAS and adds the LoRA term in place.
+#: Measured on an H200 (bf16, Qwen2-7B FFN, E=8, r=16, k=2, r_s=32; benchmarks/RESULTS.md): the cuBLAS
+#: base was faster at T=4096 and 16384 (forward 0.96 vs 1.13-1.20 ms at 4096, 3.72 vs 4.58-4.70 ms at
+#: 16384), the K-extended Triton GEMM at T=16 (forward 0.57 vs 0.63 ms up, 0.83 vs 0.89 ms down).
+CUBLAS_BASE_MIN_TOKENS = 1024
+
+
+def base_mode(tokens: int | None = None) -> str:
+    """How the forward computes the frozen base GEMM for ``tokens`` rows: ``triton`` (inside the
+    K-extended kernel, ``y`` written once) or ``cublas`` (cuBLAS, then the kernel adds the LoRA term
+    into ``y``). ``MEDCARE_TRITON_BASE`` = ``triton``/``cublas`` forces one; unset or ``auto`` picks
+    ``cublas`` from :data:`CUBLAS_BASE_MIN_TOKENS` tokens on."""
+    mode = os.environ.get(BASE_ENV, "").strip() or "auto"
+    if mode not in ("auto", "triton", "cublas"):
+        raise ValueError(f"{BASE_ENV} must be 'auto', 'triton' or 'cublas', got {mode!r}")
+    if mode == "auto":
+        mode = "cublas" if tokens is not None and tokens >= CUBLAS_BASE_MIN_TOKENS else "triton"
     return mode
 
 
@@ -87,13 +100,13 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
     r_s = 0 if shared_A is None else shared_A.shape[0]
     if choose_path(T, E, r, top_k) == "grouped":
         return grouped.forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B,
-                               lora_x, top_k, scaling, base_mode())
+                               lora_x, top_k, scaling, base_mode(T))
     L = Layout(E, r, r_s, top_k, True)
     hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     logits, weights, indices, z, h = shrink_forward(x, lora_x, lora_A, shared_A, router_weight, router_bias, L,
                                                     scaling, hd)
     lora = dict(hz=h, routed=_routed_B(lora_B), shared=shared_B.T if r_s else None, indices=indices, layout=L)
-    if base_mode() == "cublas":
+    if base_mode(T) == "cublas":
         y = torch.nn.functional.linear(x, weight, bias)
         ext_gemm(y, accumulate=True, **lora)
     else:
@@ -124,12 +137,14 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
     if any((need_x, need_wr, need_br, need_a, need_bb, need_as, need_bs, need_lx)):
         dz, h, dl = shrink_backward(grad_y, lora_B, shared_B, logits, indices, z, grad_logits, L, scaling, hd)
         lora = dict(hz=dz, routed=_routed_A(lora_A), shared=shared_A if r_s else None, indices=indices, layout=L)
-        if need_x:
-            d_x = torch.empty_like(x)
-            if lora_x is None:
-                ext_gemm(d_x, a0=grad_y, b0=weight, router=(dl, router_weight), **lora)
+        if need_x:  # dx = dy @ W (+ dZ @ [A_all; A_s] when x is also the LoRA input) + d_logits @ W_r
+            ext = lora if lora_x is None else dict(layout=L)
+            if base_mode(T) == "cublas":
+                d_x = torch.mm(grad_y, weight).to(x.dtype)
+                ext_gemm(d_x, router=(dl, router_weight), accumulate=True, **ext)
             else:
-                ext_gemm(d_x, a0=grad_y, b0=weight, router=(dl, router_weight), layout=L)
+                d_x = torch.empty_like(x)
+                ext_gemm(d_x, a0=grad_y, b0=weight, router=(dl, router_weight), **ext)
         if need_lx:
             d_lx = torch.empty_like(lora_x)
             ext_gemm(d_lx, **lora)

@@ -17,6 +17,7 @@ slot order (token t, choice j), then the shared experts' shrink, plus the router
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -33,10 +34,12 @@ FORMULATIONS = ("dense", "grouped")
 def choose_formulation(tokens: int, experts: int, rank: int, top_k: int, device: torch.device) -> str:
     """``dense`` or ``grouped`` for a shape; ``MEDCARE_MOLORA_FORMULATION`` overrides.
 
-    Measured on the CPU (benchmarks/RESULTS.md, "Formulations"): the grouped form wins once the
-    chosen experts get enough tokens to amortise the per-segment overhead and ``k < E`` (otherwise
-    nothing is skipped). On CUDA the dense form avoids the grouped form's host synchronisation; the
-    grouped form is kept for wide ``E*r``, where the dense form's wasted columns dominate.
+    Measured on the CPU (benchmarks/RESULTS.md, "Formulations"): with ``k < E`` the grouped form wins
+    once the chosen experts get enough tokens to amortise the per-segment overhead (``T*k >= 16E``), and
+    in decoding, where fewer token slots than experts (``T*k < E``) leave whole experts' A and B unread
+    (Qwen2-0.5B/1.5B at T=1: 4.17x/1.44x the floor against 5.39x/1.91x dense). With ``k = E`` nothing
+    is skipped. On CUDA the dense form avoids the grouped form's host synchronisation; the grouped form
+    is kept for wide ``E*r``, where the dense form's wasted columns dominate.
     """
     forced = os.environ.get(FORMULATION_ENV, "").strip()
     if forced and forced != "auto":
@@ -47,7 +50,8 @@ def choose_formulation(tokens: int, experts: int, rank: int, top_k: int, device:
         return "dense"
     if device.type == "cuda":
         return "grouped" if experts * rank >= 1024 and tokens * top_k >= 64 * experts else "dense"
-    return "grouped" if tokens * top_k >= 16 * experts else "dense"
+    slots = tokens * top_k
+    return "grouped" if (slots >= 16 * experts or 0 < slots < experts) else "dense"
 
 
 _local = threading.local()
@@ -74,17 +78,23 @@ def clear_workspaces() -> None:
     _local.__dict__.pop("buffers", None)
 
 
-def _segments(indices: torch.Tensor, experts: int, top_k: int):
-    """Per expert with tokens: (expert, slot ids, token ids); slots are ``t * k + j``."""
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=experts).tolist()
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            slots = order[start: start + n]
-            yield e, slots, slots // top_k
-        start += n
+class _Sorted:
+    """Token slots ``(t, j)`` sorted by expert (stable): ``order`` [T*k] slot ids (``t*k + j``), ``tokens``
+    [T*k] their tokens, and per expert ``(e, start, stop)`` for each non-empty segment. The segment
+    sizes are read on the host (a device synchronisation on CUDA)."""
+
+    def __init__(self, indices: torch.Tensor, experts: int):
+        flat = indices.reshape(-1)
+        self.order = flat.argsort(stable=True)
+        self.tokens = self.order // indices.shape[1]
+        counts = torch.bincount(flat, minlength=experts).tolist()
+        ends = list(itertools.accumulate(counts))
+        self.segments = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n]
+        self.rows = max(counts, default=0)
+
+    def gather(self, slot_values: torch.Tensor) -> torch.Tensor:
+        """[T, k, ...] per-slot values -> [T*k, ...] in sorted order."""
+        return slot_values.reshape(-1, *slot_values.shape[2:])[self.order]
 
 
 def _cat_BT(lora_B: torch.Tensor, shared_B: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -149,20 +159,21 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
         y.addmm_(h, _cat_BT(lora_B, shared_B, acc))
     else:
         if r_s:
-            y.addmm_(z_shared, shared_B.to(acc).T.contiguous(), alpha=scaling)
-        gate_flat = gates.view(-1, 1)
-        segments = list(_segments(indices, E, top_k))
+            y.addmm_(z_shared, shared_B.to(acc).T, alpha=scaling)
+        srt = _Sorted(indices, E)
+        gate_sorted = srt.gather(gates)[:, None]
+        z_sorted = torch.empty(T * top_k, r, dtype=acc, device=x.device)
+        B_T = lora_B.to(acc).transpose(1, 2).contiguous()  # [E, r, d_out]: the fast operand layout
         # Workspaces reused by every segment: one allocation (and one round of page faults) per call.
-        rows = max((len(t) for _, _, t in segments), default=0)
-        x_ws = _workspace("x", rows, d_in, acc, x.device)
-        y_ws = _workspace("y", rows, weight.shape[0], acc, x.device)
-        for e, slots, tokens in segments:
-            n = len(tokens)
-            xe = torch.index_select(lx, 0, tokens, out=x_ws[:n])
-            ze = torch.nn.functional.linear(xe, lora_A[e].to(acc))
-            z_slots[tokens, slots % top_k] = ze
-            torch.matmul(ze * gate_flat[slots], lora_B[e].to(acc).T, out=y_ws[:n])
-            y.index_add_(0, tokens, y_ws[:n])
+        x_ws = _workspace("x", srt.rows, d_in, acc, x.device)
+        y_ws = _workspace("y", srt.rows, weight.shape[0], acc, x.device)
+        for e, a, b in srt.segments:
+            tokens = srt.tokens[a:b]
+            xe = torch.index_select(lx, 0, tokens, out=x_ws[: b - a])
+            ze = torch.mm(xe, lora_A[e].to(acc).T, out=z_sorted[a:b])
+            torch.mm(ze * gate_sorted[a:b], B_T[e], out=y_ws[: b - a])
+            y.index_add_(0, tokens, y_ws[: b - a])
+        z_slots[srt.tokens, srt.order % top_k] = z_sorted
     return y.to(x.dtype), logits, weights, indices, z
 
 
@@ -220,31 +231,31 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
         d_B = torch.empty(E, d_out, r, dtype=acc, device=dev) if need_bb else None
         if need_lora_in:
             d_lx = torch.zeros(T, d_in, dtype=acc, device=dev)
-        gate_flat = gates.view(-1, 1)
-        dw_flat = d_weights.view(-1)
-        segments = list(_segments(indices, E, top_k))
-        rows = max((len(t) for _, _, t in segments), default=0)
-        dy_ws = _workspace("y", rows, d_out, acc, dev)
-        x_ws = _workspace("x", rows, d_in, acc, dev)
-        for e in set(range(E)) - {e for e, _, _ in segments}:
+        srt = _Sorted(indices, E)
+        gate_sorted = srt.gather(gates)[:, None]
+        z_sorted = srt.gather(z_slots)
+        h_sorted = z_sorted * gate_sorted
+        dh_sorted = torch.empty_like(z_sorted)
+        dy_ws = _workspace("y", srt.rows, d_out, acc, dev)
+        x_ws = _workspace("x", srt.rows, d_in, acc, dev)
+        for e in set(range(E)) - {e for e, _, _ in srt.segments}:
             if need_a:
                 d_A[e].zero_()
             if need_bb:
                 d_B[e].zero_()
-        for e, slots, tokens in segments:
-            n = len(tokens)
-            dye = torch.index_select(dy, 0, tokens, out=dy_ws[:n])
-            dhe = dye @ lora_B[e].to(acc)
-            ze = z_slots[tokens, slots % top_k]
-            ge = gate_flat[slots]
-            dw_flat[slots] = (dhe * ze).sum(-1) * scaling
-            dze = dhe * ge
+        for e, a, b in srt.segments:
+            tokens = srt.tokens[a:b]
+            dye = torch.index_select(dy, 0, tokens, out=dy_ws[: b - a])
+            torch.mm(dye, lora_B[e].to(acc), out=dh_sorted[a:b])
             if need_bb:
-                torch.mm(dye.T, ze * ge, out=d_B[e])
+                torch.mm(dye.T, h_sorted[a:b], out=d_B[e])
+            if need_a or need_lora_in:
+                dze = dh_sorted[a:b] * gate_sorted[a:b]
             if need_a:
-                torch.mm(dze.T, torch.index_select(lx, 0, tokens, out=x_ws[:n]), out=d_A[e])
+                torch.mm(dze.T, torch.index_select(lx, 0, tokens, out=x_ws[: b - a]), out=d_A[e])
             if need_lora_in:
-                d_lx.index_add_(0, tokens, torch.mm(dze, lora_A[e].to(acc), out=x_ws[:n]))
+                d_lx.index_add_(0, tokens, torch.mm(dze, lora_A[e].to(acc), out=x_ws[: b - a]))
+        d_weights.view(-1)[srt.order] = (dh_sorted * z_sorted).sum(-1) * scaling
         if r_s:
             lora_blocks.append(((dy @ shared_B.to(acc)) * scaling, shared_A.to(acc)))
             if need_bs:
