@@ -163,7 +163,6 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
         srt = _Sorted(indices, E)
         gate_sorted = srt.gather(gates)[:, None]
         z_sorted = torch.empty(T * top_k, r, dtype=acc, device=x.device)
-        B_T = lora_B.to(acc).transpose(1, 2).contiguous()  # [E, r, d_out]: the fast operand layout
         # Workspaces reused by every segment: one allocation (and one round of page faults) per call.
         x_ws = _workspace("x", srt.rows, d_in, acc, x.device)
         y_ws = _workspace("y", srt.rows, weight.shape[0], acc, x.device)
@@ -171,7 +170,7 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
             tokens = srt.tokens[a:b]
             xe = torch.index_select(lx, 0, tokens, out=x_ws[: b - a])
             ze = torch.mm(xe, lora_A[e].to(acc).T, out=z_sorted[a:b])
-            torch.mm(ze * gate_sorted[a:b], B_T[e], out=y_ws[: b - a])
+            torch.mm(ze * gate_sorted[a:b], lora_B[e].to(acc).T, out=y_ws[: b - a])
             y.index_add_(0, tokens, y_ws[: b - a])
         z_slots[srt.tokens, srt.order % top_k] = z_sorted
     return y.to(x.dtype), logits, weights, indices, z
