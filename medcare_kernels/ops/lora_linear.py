@@ -14,7 +14,8 @@ from medcare_kernels.backends.pytorch.route import accumulate_dtype
 from medcare_kernels.ops import _grads
 
 _OP = "lora_linear"
-# ``auto``'s preference on CUDA tensors (reasoned, not yet measured on a GPU):
+# ``auto``'s preference on CUDA tensors (not benchmarked on its own yet; its kernels are molora_linear's
+# shrink and K-extended GEMM, measured there):
 # only triton has LoRA kernels (the cuda backend runs the torch code for this op).
 _FAST = ("triton",)
 _GRAD_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B", "lora_x")

@@ -133,8 +133,10 @@ def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A
 def _fast_order(tokens: int, *params: Tensor | None) -> tuple[str, ...]:
     """``auto``'s preference on CUDA tensors (DESIGN.md section 5). The cuda backend's decode kernels
     (forward only) for inference with few tokens: the base GEMM plus three small launches, where the GEMM
-    formulations pay a dozen launches; triton otherwise (fused forward and backward). Not yet measured on
-    a GPU: ``make gpu-check`` times every backend at decode and prefill token counts."""
+    formulations pay a dozen launches; triton otherwise (fused forward and backward). Measured on an H200
+    (benchmarks/RESULTS.md): decode 0.087-0.126 ms with cuda against 0.26-0.50 ms with triton and 0.54-0.60 ms
+    with torch (T <= 64, Qwen2-7B FFN); training at T=16384 1.41-1.55x the frozen linear with triton
+    against 2.8-3.1x with torch."""
     from medcare_kernels.backends.cuda import DECODE_MAX_TOKENS
 
     training = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
