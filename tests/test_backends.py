@@ -66,6 +66,13 @@ def test_formulation_env_is_validated(monkeypatch):
         mk.molora_linear(*small(), top_k=2, scaling=1.0)
 
 
+def _route_choice(available):
+    """``route``'s ``auto`` preference as the op passes it to ``resolve_backend``."""
+    from medcare_kernels.ops import route as route_op
+
+    return be.pick_fast(available, torch.float32, route_op._FAST)
+
+
 def test_resolution_looks_nothing_up_per_call(monkeypatch):
     """``resolve_backend`` runs inside ``torch.compile``d code, where dynamo (torch 2.11) refuses to
     trace ``importlib.util.find_spec``: a graph break under fullgraph=True, seen on an H200. The module
@@ -78,15 +85,13 @@ def test_resolution_looks_nothing_up_per_call(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", refuse)
     for device in ("cpu", "cuda"):
         be.available_backends(device)
-        be.resolve_backend("auto", torch.device(device), "route",
-                           choose=lambda available: be.pick_fast(available, torch.float32, ("cuda", "triton")))
+        be.resolve_backend("auto", torch.device(device), "route", choose=_route_choice)
 
 
 def test_resolution_for_cuda_tensors_traces_without_graph_breaks():
     """What ``backend="auto"`` decides for CUDA tensors compiles with fullgraph=True (no GPU needed)."""
     def pick(x):
-        name = be.resolve_backend("auto", torch.device("cuda"), "route",
-                                  choose=lambda available: be.pick_fast(available, torch.float32, ("cuda", "triton")))
+        name = be.resolve_backend("auto", torch.device("cuda"), "route", choose=_route_choice)
         reasons = [be.backend_unavailable_reason(b, torch.device("cuda")) for b in be.BACKENDS]
         return x + be.BACKENDS.index(name) + sum(r is None for r in reasons)
 

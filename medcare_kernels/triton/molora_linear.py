@@ -43,7 +43,7 @@ PATH_ENV = "MEDCARE_TRITON_MOLORA_PATH"
 CUBLAS_BASE_MIN_TOKENS = 1024
 
 
-def base_mode(tokens: int | None = None) -> str:
+def base_mode(tokens: int) -> str:
     """How the forward computes the frozen base GEMM for ``tokens`` rows: ``triton`` (inside the
     K-extended kernel, ``y`` written once) or ``cublas`` (cuBLAS, then the kernel adds the LoRA term
     into ``y``). ``MEDCARE_TRITON_BASE`` = ``triton``/``cublas`` forces one; unset or ``auto`` picks
@@ -52,7 +52,7 @@ def base_mode(tokens: int | None = None) -> str:
     if mode not in ("auto", "triton", "cublas"):
         raise ValueError(f"{BASE_ENV} must be 'auto', 'triton' or 'cublas', got {mode!r}")
     if mode == "auto":
-        mode = "cublas" if tokens is not None and tokens >= CUBLAS_BASE_MIN_TOKENS else "triton"
+        mode = "cublas" if tokens >= CUBLAS_BASE_MIN_TOKENS else "triton"
     return mode
 
 
