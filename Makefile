@@ -88,7 +88,7 @@ bench-suite: $(STAMP)
 
 ## Compile every Triton kernel and autotune config to sm_90 and sm_80 cubins (no GPU needed; minutes).
 triton-compile-check: $(STAMP)
-	env -u TRITON_INTERPRET $(PYTHON) -m medcare_kernels.triton._compile_check --arch 90 80
+	env -u TRITON_INTERPRET $(PYTHON) -m medcare_kernels.backends.triton._compile_check --arch 90 80
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks medcare_kernels/_C*.so

@@ -6,6 +6,7 @@ Wrong Python types and dtypes raise ``TypeError``; wrong shapes, ranks, devices 
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -76,10 +77,20 @@ def integer(name: str, value: object, *, low: int, high: int | None = None, high
 
 
 def real(name: str, value: object) -> float:
-    """``value`` must be a real number (not a bool, not a tensor)."""
+    """``value`` must be a finite real number (not a bool, not a tensor, not nan or inf)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value}")
+    return value
+
+
+def rank(name: str, value: int, dim: str, meaning: str) -> int:
+    """A LoRA rank read off a tensor's shape must be at least 1 (a zero-width LoRA is not a LoRA)."""
+    if value < 1:
+        raise ValueError(f"{name} must have {dim} >= 1 ({meaning}), got {dim} = {value}")
+    return value
 
 
 def lora_x(value: object, x: torch.Tensor) -> torch.Tensor | None:
@@ -100,6 +111,8 @@ def base_linear(x: object, weight: object, bias: object) -> tuple[int, int]:
     x = tensor("x", x, min_ndim=1)
     weight = tensor("weight", weight, ndim=2)
     d_out, d_in = weight.shape
+    if d_in < 1:
+        raise ValueError(f"weight must have d_in >= 1 input features, got shape {list(weight.shape)}")
     if x.shape[-1] != d_in:
         raise ValueError(f"x must have d_in = weight.shape[1] = {d_in} features in its last dimension, "
                          f"got shape {list(x.shape)}")

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import medcare_kernels
-from medcare_kernels import _extension
+from medcare_kernels import _extension, dispatch
 from medcare_kernels.backends import BACKENDS, backend_unavailable_reason
 
 
@@ -60,7 +60,35 @@ def collect() -> dict[str, object]:
         "gpu": gpu,
         "extension": ext,
         "backends": _backends(device),
+        "dispatch": {
+            "preferences": {op: {"order": list(p.order), "decode": list(p.decode)}
+                            for op, p in dispatch.PREFERENCES.items()},
+            "thresholds": {name: t.value for name, t in dispatch.THRESHOLDS.items()},
+            "knobs": {k.name: {"value": _knob_value(k), "default": k.default, "choices": list(k.choices),
+                               "scope": k.scope} for k in dispatch.KNOBS},
+        },
     }
+
+
+def _knob_value(k: dispatch.Knob) -> str:
+    import os
+
+    return os.environ.get(k.name, "").strip() or k.default
+
+
+def dispatch_markdown() -> str:
+    """The dispatch tables as markdown (``--dispatch``): what README.md's "Dispatch" section shows."""
+    lines = ["| op | `auto` on CUDA tensors, fastest first | inference, few tokens |", "|---|---|---|"]
+    for op, p in dispatch.PREFERENCES.items():
+        lines.append(f"| `{op}` | {', '.join(p.order)} | {', '.join(p.decode) or '-'} |")
+    lines += ["", "| threshold | value | rule |", "|---|---|---|"]
+    for t in dispatch.THRESHOLDS.values():
+        lines.append(f"| `{t.name}` | {t.value} | {t.rule} |")
+    lines += ["", "| environment variable | choices | default | what it overrides |", "|---|---|---|---|"]
+    for k in dispatch.KNOBS:
+        choices = ", ".join(f"`{c}`" for c in k.choices) or "an integer"
+        lines.append(f"| `{k.name}` | {choices} | `{k.default}` | {k.overrides} ({k.scope}) |")
+    return "\n".join(lines)
 
 
 def _backends(device: str) -> dict[str, object]:
@@ -101,6 +129,16 @@ def render(info: dict) -> str:
     lines += ["", f"backends for {b['device']} tensors: {', '.join(b['available'])}"]
     for name, reason in b["unavailable"].items():
         lines.append(f"  {name}: unavailable: {reason}")
+    d = info["dispatch"]
+    lines += ["", "auto's choice for CUDA tensors (medcare_kernels.dispatch; CPU tensors and float64: torch):"]
+    for op, p in d["preferences"].items():
+        decode = f"; inference with few tokens: {', '.join(p['decode'])}" if p["decode"] else ""
+        lines.append(f"  {op:<19} {', '.join(p['order'])}{decode}")
+    lines.append("  thresholds: " + ", ".join(f"{n}={v}" for n, v in d["thresholds"].items()))
+    lines += ["", "environment knobs:"]
+    for name, k in d["knobs"].items():
+        changed = "" if k["value"] == k["default"] else f" (default {k['default']})"
+        lines.append(f"  {name:<28} {k['value']}{changed}")
     return "\n".join(lines)
 
 
@@ -108,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m medcare_kernels.info", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--dispatch", action="store_true",
+                   help="print only the dispatch tables (preferences, thresholds, environment knobs) as markdown")
     p.add_argument("--require-cuda", action="store_true",
                    help="exit 1 unless the cuda backend can run here (the extension loaded and a GPU it covers)")
     args = p.parse_args(argv)
+    if args.dispatch:
+        print(dispatch_markdown())
+        return 0
     info = collect()
     print(json.dumps(info, indent=1) if args.json else render(info))
     if args.require_cuda:

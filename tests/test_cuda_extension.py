@@ -19,9 +19,6 @@ import torch
 import medcare_kernels as mk
 import medcare_kernels.backends as be
 from medcare_kernels import _extension
-from medcare_kernels.ops import molora_linear as molora_op
-from medcare_kernels.ops import orthogonal_penalty as penalty_op
-from medcare_kernels.ops import route as route_op
 
 ROOT = Path(__file__).resolve().parents[1]
 ops = torch.ops.medcare_kernels
@@ -246,7 +243,7 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     assert "not built" in reason and "MEDCARE_BUILD_CUDA=1 pip install --no-build-isolation -e ." in reason
     assert "make wheel" in reason
     with pytest.raises(mk.BackendUnavailableError, match=r"MEDCARE_BUILD_CUDA=1"):
-        be.resolve_backend("cuda", torch.device("cuda"), "molora_linear")
+        be.resolve_backend("molora_linear", "cuda", torch.device("cuda"), torch.float32)
     monkeypatch.setenv("MEDCARE_BACKEND", "cuda")
     with pytest.raises(mk.BackendUnavailableError, match=r"MEDCARE_BACKEND='cuda' cannot run route: .*MEDCARE_BUILD_CUDA"):
         mk.route(torch.randn(3, 4), 2)
@@ -259,50 +256,26 @@ def test_env_cuda_on_cpu_tensors_raises(monkeypatch):
                          torch.randn(3, 2, 8), torch.randn(3, 4, 2), top_k=1, scaling=1.0)
 
 
-@pytest.fixture
-def gpu_here(monkeypatch):
-    """Pretend the cuda (and triton) backends can run on CUDA tensors, to exercise auto's choices."""
-    def make(names):
-        for name in ("cuda", "triton"):
-            if name in be._BACKENDS:
-                reason = None if name in names else f"{name} is off in this test"
-                monkeypatch.setitem(be._BACKENDS, name, (be._BACKENDS[name][0], lambda d, r=reason: r))
-    return make
+@pytest.mark.gpu
+def test_cuda_backend_runs_on_a_gpu_machine():
+    """On a GPU machine the extension must have been built (make gpu-check builds it first)."""
+    reason = be.backend_unavailable_reason("cuda", "cuda")
+    assert reason is None, f"the cuda backend cannot run on this GPU machine: {reason}"
 
 
-def test_auto_choices_on_cuda(gpu_here):
-    dev = torch.device("cuda")
-    gpu_here({"cuda"})
-    f32 = torch.float32
-
-    def route_choice(available):
-        return be.pick_fast(available, f32, route_op._FAST)
-    assert be.resolve_backend("auto", dev, "route", choose=route_choice) == "cuda"
-    assert be.resolve_backend("auto", dev, "orthogonal_penalty",
-                              choose=lambda a: be.pick_fast(a, f32, penalty_op._FAST)) == "cuda"
-    x = torch.randn(1, 4)
-    for tokens, want in ((1, "cuda"), (64, "cuda"), (65, "torch"), (4096, "torch")):
-        got = be.resolve_backend("auto", dev, "molora_linear",
-                                 choose=lambda a, t=tokens: be.pick_fast(a, f32, molora_op._fast_order(t, x)))
-        assert got == want, tokens
-    assert be.resolve_backend("auto", torch.device("cpu"), "route", choose=route_choice) == "torch"
-    gpu_here(set())
-    assert be.resolve_backend("auto", dev, "route", choose=route_choice) == "torch"
-    assert be.pick_fast([], f32, molora_op._fast_order(1, x)) == "torch"
-
-
-def test_auto_prefers_triton_for_molora_prefill_and_training():
-    both, f32 = ["cuda", "triton"], torch.float32
-    x, trainable = torch.randn(1, 4), torch.randn(1, 4, requires_grad=True)
-    assert be.pick_fast(both, f32, molora_op._fast_order(4096, x)) == "triton"
-    assert be.pick_fast(both, f32, molora_op._fast_order(16, x)) == "cuda"
-    assert be.pick_fast(both, f32, molora_op._fast_order(16, x, trainable)) == "triton", "decode kernels are forward-only"
-    with torch.no_grad():
-        assert be.pick_fast(both, f32, molora_op._fast_order(16, x, trainable)) == "cuda"
-    assert be.pick_fast(["triton"], f32, molora_op._fast_order(16, x)) == "triton"
-    assert be.pick_fast(both, torch.float64, route_op._FAST) == "torch"
-    assert be.pick_fast(["triton"], f32, route_op._FAST) == "triton"
-    assert be.pick_fast(both, f32, penalty_op._FAST) == "cuda"
+@pytest.mark.gpu
+def test_compiled_op_names_the_tensor_on_the_wrong_device():
+    E, r, d_in, d_out = 4, 2, 16, 12
+    args = [torch.randn(4, d_in), torch.randn(d_out, d_in), torch.randn(d_out), torch.randn(E, d_in),
+            torch.randn(E), torch.randn(E, r, d_in), torch.randn(E, d_out, r), torch.randn(4, d_in),
+            torch.randn(d_out, 4)]
+    args = [t.to("cuda") for t in args]
+    args[6] = args[6].cpu()  # lora_B
+    with pytest.raises(ValueError, match=r"molora_decode_cuda: lora_B must be a CUDA tensor, got a tensor on cpu"):
+        ops.molora_decode_cuda(*args, None, 2, 1.0)
+    with pytest.raises(ValueError, match=r"route_bwd_cuda: weights must be a CUDA tensor"):
+        ops.route_bwd_cuda(torch.randn(3, 2, device="cuda"), torch.randn(3, 5, device="cuda"), torch.rand(3, 2),
+                           torch.zeros(3, 2, dtype=torch.long, device="cuda"))
 
 
 # ------------------------------------------------------------------------------------------------

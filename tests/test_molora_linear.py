@@ -1,4 +1,5 @@
-"""molora_linear: every backend and formulation against the float64 oracle, forward and every gradient."""
+"""molora_linear on every backend and formulation: forward and every gradient against the float64 oracle,
+idle experts, saved state, and the custom op that torch.compile traces."""
 
 from __future__ import annotations
 
@@ -6,245 +7,251 @@ import pytest
 import torch
 
 import medcare_kernels as mk
-from tests import oracle
-from tests.conftest import assert_close, assert_routing_near_ties, grads_of, leaf_on
+from tests import helpers
+from tests.helpers import BF16, F16, F32, F64
 
-# Backends under test on the CPU: the torch backend in both formulations, and the reference.
-BACKENDS = [("torch", "dense"), ("torch", "grouped"), ("reference", None)]
-BACKEND_IDS = ["torch-dense", "torch-grouped", "reference"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-NAMES = ("x", "weight", "bias", "router_weight", "router_bias", "lora_A", "lora_B", "shared_A", "shared_B",
-         "lora_x")
-
-
-def make(T, d_in, d_out, E, r, r_s, dtype, *, lora_dtype=None, bias=True, router_bias=True, lead=None,
-         lora_x=False, weight_grad=False, noncontig=False):
-    """Random MoLoRA inputs; the LoRA/router parameters and x require grad, the base weight does not."""
-    lora_dtype = lora_dtype or dtype
-    shape = (*lead, d_in) if lead else (T, d_in)
-
-    def rand(*size, dt=dtype, scale=1.0, grad=True):
-        return (torch.randn(*size) * scale).to(dt).requires_grad_(grad)
-
-    if noncontig:  # a transposed view: last dim is not contiguous in memory
-        x = (torch.randn(d_in, *shape[:-1]).to(dtype).movedim(0, -1)).requires_grad_(True)
-        assert not x.is_contiguous()
-    else:
-        x = rand(*shape)
-    return dict(
-        x=x,
-        weight=rand(d_out, d_in, scale=d_in ** -0.5, grad=weight_grad),
-        bias=rand(d_out, grad=weight_grad) if bias else None,
-        router_weight=rand(E, d_in, dt=lora_dtype, scale=d_in ** -0.5),
-        router_bias=rand(E, dt=lora_dtype, scale=0.5) if router_bias else None,
-        lora_A=rand(E, r, d_in, dt=lora_dtype, scale=d_in ** -0.5),
-        lora_B=rand(E, d_out, r, dt=lora_dtype, scale=r ** -0.5),
-        shared_A=rand(r_s, d_in, dt=lora_dtype, scale=d_in ** -0.5) if r_s else None,
-        shared_B=rand(d_out, r_s, dt=lora_dtype, scale=r_s ** -0.5) if r_s else None,
-        lora_x=rand(*shape) if lora_x else None,
-    )
-
-
-def formulation(monkeypatch, form):
-    """Select the torch backend's formulation (None: leave the default)."""
-    if form is not None:
-        monkeypatch.setenv("MEDCARE_MOLORA_FORMULATION", form)
-
-
-def library_indices(inp, top_k, scaling, backend, logits):
-    """The experts the library chose (its own routing of its own logits)."""
-    if backend == "reference":
-        return mk.route(logits, top_k, backend="reference")[1]
-    d_in = inp["weight"].shape[1]
-    x2 = inp["x"].detach().reshape(-1, d_in).contiguous()
-    lx = inp["lora_x"]
-    lx2 = None if lx is None else lx.detach().reshape(-1, d_in).contiguous()
-    with torch.no_grad():
-        out = torch.ops.medcare_kernels.molora_linear(
-            x2, inp["weight"], inp["bias"], inp["router_weight"], inp["router_bias"], inp["lora_A"], inp["lora_B"],
-            inp["shared_A"], inp["shared_B"], lx2, top_k, scaling, backend)
-    return out[3]
-
-
-def check(inp, top_k, scaling, backend, dtype, *, device="cpu", logits_grad=False):
-    """Forward and every gradient of the library on ``device`` vs the float64 oracle on the CPU (on the
-    library's routing, which must agree with the oracle's except at genuine near-ties). ``inp`` holds
-    CPU tensors (:func:`make`); the library gets leaf copies of them on ``device``."""
-    dev = {n: leaf_on(inp[n], device) for n in NAMES}
-    y, logits = mk.molora_linear(*[dev[n] for n in NAMES[:9]], top_k=top_k, scaling=scaling, lora_x=dev["lora_x"],
-                                 backend=backend)
-    d_out = inp["weight"].shape[0]
-    T = inp["x"].numel() // inp["x"].shape[-1]
-    assert y.shape == (*inp["x"].shape[:-1], d_out) and y.dtype == inp["x"].dtype and y.device == dev["x"].device
-    assert logits.shape == (T, inp["router_weight"].shape[0]) and logits.dtype == torch.float32
-    assert logits.device == dev["x"].device
-
-    idx = library_indices(dev, top_k, scaling, backend, logits.detach()).cpu()
-    ref = {n: oracle.leaf64(inp[n]) for n in NAMES}
-    x2 = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
-    y64, logits64, _ = oracle.molora(x2(ref["x"]), ref["weight"], ref["bias"], ref["router_weight"],
-                                     ref["router_bias"], ref["lora_A"], ref["lora_B"], ref["shared_A"],
-                                     ref["shared_B"], top_k, scaling, lora_x=x2(ref["lora_x"]), indices=idx)
-    if T:
-        assert_routing_near_ties(idx, logits64, top_k, 1e-4)
-    assert_close(y.reshape(T, d_out), y64, dtype, "y")
-    assert_close(logits, logits64, torch.float32, "router_logits")  # float32 math whatever the input dtype
-
-    gy = torch.randn(y.shape).to(y.dtype).to(torch.float64)  # what the library receives, exactly
-    seeds = [(y, gy.to(y.device))]
-    seeds64 = [(y64, gy.reshape(T, d_out))]
-    if logits_grad:
-        gl = torch.randn(logits.shape, dtype=torch.float64)
-        seeds.append((logits, gl.to(logits.device)))
-        seeds64.append((logits64, gl))
-    got = grads_of(seeds, [dev[n] for n in NAMES])
-    want = grads_of(seeds64, [ref[n] for n in NAMES])
-    for name, g, w, t in zip(NAMES, got, want, [dev[n] for n in NAMES]):
-        if t is None or not t.requires_grad:
-            assert g is None
-            continue
-        assert g.dtype == t.dtype and g.device == t.device, f"{name} grad dtype/device"
-        assert_close(g.reshape(w.shape) if name in ("x", "lora_x") else g, w, dtype, f"d{name}")
-
-
-def check_idle_experts(inp, top_k, busy, backend, dtype, *, device="cpu"):
-    """Routing skewed by the router bias (``busy``: expert -> bias, the others 0) so that the busy experts
-    take every token: :func:`check` holds, and the idle experts' A/B gradients exist and are exactly zero
-    while every busy expert's are not."""
-    with torch.no_grad():
-        inp["router_bias"].zero_()
-        for e, b in busy.items():
-            inp["router_bias"][e] = b
-    check(inp, top_k, 1.0, backend, dtype, device=device)
-    dev = {n: leaf_on(inp[n], device) for n in NAMES}
-    y, _ = mk.molora_linear(*[dev[n] for n in NAMES[:9]], top_k=top_k, scaling=1.0, backend=backend)
-    dA, dB = torch.autograd.grad(y.float().square().sum(), [dev["lora_A"], dev["lora_B"]])
-    idle = [e for e in range(dA.shape[0]) if e not in busy]
-    assert torch.equal(dA[idle], torch.zeros_like(dA[idle])) and torch.equal(dB[idle], torch.zeros_like(dB[idle]))
-    assert all(dA[e].abs().sum() > 0 and dB[e].abs().sum() > 0 for e in busy)
-
-
-CASES = [  # (T, E, top_k, r, r_s)
+RUNS = helpers.runs("torch-dense", "torch-grouped", "reference", "triton-dense", "triton-grouped", "cuda")
+NAMES = helpers.MOLORA_NAMES
+# (T, E, top_k, r, r_s): T=0, T=1, E=1, k=E, no shared experts, T not a multiple of any block, wide E*r.
+CASES = [
     (0, 8, 2, 16, 32),
     (1, 8, 2, 16, 32),
     (7, 2, 1, 8, 16),
     (7, 1, 1, 8, 8),
-    (64, 8, 2, 16, 32),
-    (64, 8, 8, 1, 4),
-    (64, 64, 2, 8, 16),
+    (45, 8, 2, 16, 32),
+    (37, 8, 8, 1, 4),
+    (33, 6, 3, 4, 0),
+    (41, 64, 2, 8, 16),
     (64, 64, 64, 1, 0),
     (1000, 8, 2, 16, 32),
 ]
+#: Router biases that send every token to experts 5 and 2 (the others idle, p ~ e^-49); close biases keep
+#: the router gradient well conditioned in fp32.
+SKEWED = {5: 50.0, 2: 49.5}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("backend,form", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("T,E,top_k,r,r_s", CASES)
-def test_matches_float64_oracle(T, E, top_k, r, r_s, backend, form, dtype, monkeypatch):
-    formulation(monkeypatch, form)
-    check(make(T, 40, 24, E, r, r_s, dtype), top_k, 1.7, backend, dtype)
+def _dtypes(run):
+    return (F32, BF16) if run.backend == "triton" else (F32, BF16, F16)
 
 
-VARIANTS = {
-    "no-shared": dict(r_s=0),
-    "no-bias": dict(bias=False),
-    "no-router-bias": dict(router_bias=False),
-    "3d-input": dict(lead=(3, 11)),
-    "non-contiguous-x": dict(lead=(5, 9), noncontig=True),
-    "lora-x": dict(lora_x=True),
-    "lora-x-3d": dict(lora_x=True, lead=(2, 13)),
-    "frozen-weight-trains": dict(weight_grad=True),
-    "fp32-lora-params": dict(lora_dtype=torch.float32),
-}
+def _small_under_interpreter(case, run, dtype=None):
+    T, E = case[0], case[1]
+    return not run.interpreted or (T <= 64 and E * case[2] < 64 * 64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("backend,form", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variants(variant, backend, form, dtype, monkeypatch):
-    opts = dict(VARIANTS[variant])
-    r_s = opts.pop("r_s", 12)
-    formulation(monkeypatch, form)
-    check(make(50, 33, 20, 6, 4, r_s, dtype, **opts), 2, 0.5, backend, dtype)
+@pytest.mark.parametrize("case,run,dtype", helpers.grid(CASES, RUNS, _dtypes, _small_under_interpreter))
+def test_matches_float64_oracle(case, run, dtype, monkeypatch):
+    T, E, top_k, r, r_s = case
+    run.apply(monkeypatch)
+    helpers.molora_check(helpers.molora_make(T, 40, 24, E, r, r_s, dtype), top_k, 1.7, run.backend, dtype,
+                         device=run.device)  # d_in, d_out: not multiples of 16
 
 
-@pytest.mark.parametrize("backend,form", BACKENDS, ids=BACKEND_IDS)
-def test_gradient_through_router_logits(backend, form, monkeypatch):
+VARIANT_RUNS = helpers.runs("torch-dense", "torch-grouped", "reference", "triton", "cuda")
+
+
+@pytest.mark.parametrize("variant,run,dtype", helpers.grid(list(helpers.MOLORA_VARIANTS), VARIANT_RUNS, (F32, BF16)))
+def test_variants(variant, run, dtype, monkeypatch):
+    run.apply(monkeypatch)
+    helpers.molora_check(helpers.molora_variant(variant, dtype), 2, 0.5, run.backend, dtype, device=run.device)
+
+
+@pytest.mark.parametrize("variant,run,dtype", helpers.grid(["lora-x", "lora-x-3d", "no-shared", "fp32-lora-params"],
+                                                           helpers.runs("triton-cublas"), (BF16,)))
+def test_variants_with_the_cublas_base(variant, run, dtype, monkeypatch):
+    """The cuBLAS base (auto's choice from CUBLAS_BASE_MIN_TOKENS tokens): dy @ W by cuBLAS in the backward,
+    the LoRA and router terms of dx added in place, with and without a separate LoRA input."""
+    run.apply(monkeypatch)
+    helpers.molora_check(helpers.molora_variant(variant, dtype), 2, 0.5, run.backend, dtype, device=run.device)
+
+
+LOGIT_RUNS = helpers.runs("torch-dense", "torch-grouped", "reference", "triton-dense", "triton-grouped",
+                          "triton-cublas", "cuda")
+
+
+@pytest.mark.parametrize("run", helpers.by_run(LOGIT_RUNS))
+def test_gradient_through_router_logits(run, monkeypatch):
     """A loss on the returned logits (load balancing, z-loss) reaches the router and x."""
-    formulation(monkeypatch, form)
-    check(make(40, 24, 16, 8, 4, 8, torch.float32), 2, 1.0, backend, torch.float32, logits_grad=True)
+    run.apply(monkeypatch)
+    helpers.molora_check(helpers.molora_make(40, 24, 16, 8, 4, 8, F32), 2, 1.0, run.backend, F32, device=run.device,
+                         logits_grad=True)
 
 
-@pytest.mark.parametrize("form", ["dense", "grouped"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
-def test_skewed_routing_idle_experts_get_exact_zero_grads(form, dtype, monkeypatch):
-    """One expert takes every token: the idle experts' A/B gradients exist and are exactly zero."""
-    monkeypatch.setenv("MEDCARE_MOLORA_FORMULATION", form)
-    check_idle_experts(make(64, 32, 24, 8, 4, 8, dtype), 1, {5: 100.0}, "torch", dtype)  # expert 5 wins every token
+IDLE_RUNS = helpers.runs("torch-dense", "torch-grouped", "triton-dense", "triton-grouped", "cuda")
+
+
+@pytest.mark.parametrize("case,run,dtype", helpers.grid([(37, 32, 24)], IDLE_RUNS, (F32, BF16)))
+def test_skewed_routing_idle_experts_get_exact_zero_grads(case, run, dtype, monkeypatch):
+    """Two experts take every token: the idle experts' A/B gradients exist and are exactly zero."""
+    run.apply(monkeypatch)
+    T, d_in, d_out = case
+    helpers.molora_check_idle_experts(helpers.molora_make(T, d_in, d_out, 8, 4, 8, dtype), 2, SKEWED, run.backend,
+                                      dtype, device=run.device)
+
+
+@pytest.mark.parametrize("run", helpers.by_run(helpers.runs("torch-dense", "torch-grouped", "triton-dense",
+                                                            "triton-grouped", "cuda")))
+def test_eager_and_custom_op_paths_agree(run, monkeypatch):
+    """The eager autograd.Function and the torch.library custom op (what torch.compile traces) run the same
+    backend code: identical outputs and gradients."""
+    run.apply(monkeypatch)
+    inp = {n: helpers.leaf_on(t, run.device) for n, t in
+           helpers.molora_make(37, 24, 16, 8, 4, 8, F32, lora_x=True, weight_grad=True).items()}
+    tensors = [inp[n] for n in NAMES]
+    y, logits = helpers.molora_call(inp, 2, 1.3, run.backend)
+    gy, gl = torch.randn_like(y), torch.randn_like(logits)
+    eager = torch.autograd.grad((y * gy).sum() + (logits * gl).sum(), tensors)
+    out = torch.ops.medcare_kernels.molora_linear(*tensors[:9], inp["lora_x"], 2, 1.3, run.backend)
+    assert torch.equal(out[0], y) and torch.equal(out[1], logits)
+    traced = torch.autograd.grad((out[0] * gy).sum() + (out[1] * gl).sum(), tensors)
+    for name, a, b in zip(NAMES, eager, traced):
+        assert torch.equal(a, b), f"d{name} differs between the eager and custom-op paths"
 
 
 @pytest.mark.parametrize("form", ["dense", "grouped"])
 def test_gradcheck_float64(form, monkeypatch):
     monkeypatch.setenv("MEDCARE_MOLORA_FORMULATION", form)
-    inp = make(9, 7, 5, 4, 3, 2, torch.float64, weight_grad=True, lora_x=True)
-    names = list(NAMES)
+    inp = helpers.molora_make(9, 7, 5, 4, 3, 2, F64, weight_grad=True, lora_x=True)
 
     def fn(*args):
-        kw = dict(zip(names, args))
-        return tuple(mk.molora_linear(*[kw[n] for n in names[:9]], top_k=2, scaling=0.8, lora_x=kw["lora_x"]))
+        kw = dict(zip(NAMES, args))
+        return tuple(mk.molora_linear(*[kw[n] for n in NAMES[:9]], top_k=2, scaling=0.8, lora_x=kw["lora_x"]))
 
-    assert torch.autograd.gradcheck(fn, [inp[n] for n in names])
+    assert torch.autograd.gradcheck(fn, [inp[n] for n in NAMES])
 
 
-def fresh_adapter_and_base_linear(backend="auto"):
-    """(the layer's output with B = 0, the init; the frozen linear's output) on the same input."""
-    inp = make(17, 12, 10, 4, 3, 6, torch.float32)
+@pytest.mark.parametrize("run", helpers.by_run(helpers.runs("torch", "triton", "cuda")))
+def test_fresh_adapter_equals_base_linear(run, monkeypatch):
+    """B = 0 (the init) makes the layer the frozen linear (exactly, on the torch backend)."""
+    run.apply(monkeypatch)
+    inp = {n: helpers.leaf_on(t, run.device) for n, t in helpers.molora_make(17, 12, 10, 4, 3, 6, F32).items()}
     with torch.no_grad():
         inp["lora_B"].zero_()
         inp["shared_B"].zero_()
-    y, _ = mk.molora_linear(*[inp[n] for n in NAMES[:9]], top_k=2, scaling=2.0, backend=backend)
-    return y, torch.nn.functional.linear(inp["x"], inp["weight"], inp["bias"])
+    y, _ = helpers.molora_call(inp, 2, 2.0, run.backend)
+    base = torch.nn.functional.linear(inp["x"], inp["weight"], inp["bias"])
+    if run.backend == "torch":
+        assert torch.equal(y, base)
+    else:
+        torch.testing.assert_close(y, base)
 
 
-def test_fresh_adapter_equals_base_linear():
-    """B = 0 (the init) makes the layer exactly the frozen linear."""
-    assert torch.equal(*fresh_adapter_and_base_linear())
+@pytest.mark.parametrize("run", helpers.by_run(helpers.runs("torch", "triton", "reference")))
+def test_saved_state_is_rank_space_only(run, monkeypatch):
+    """The fused backends keep O(T * (k*r + r_s + E)) floats for the backward beyond their inputs, never
+    anything proportional to E * d_out; the reference keeps the [E, T, d_out] stack."""
+    run.apply(monkeypatch)
+    T, d_in, d_out, E, r, r_s, k = 64, 32, 256, 8, 4, 8, 2
+    inp = helpers.molora_make(T, d_in, d_out, E, r, r_s, F32)
+    n = helpers.saved_numel(lambda: helpers.molora_call(inp, k, 1.0, run.backend), inp.values())
+    if run.backend == "reference":
+        assert n >= E * T * d_out
+    else:
+        assert 0 < n <= T * (k * r + r_s + E + 2 * k)
 
 
-def saved_numel(inp, top_k, backend):
-    """How many elements the op saves for its backward beyond its inputs (saved-tensor hooks)."""
-    inputs = {t.data_ptr() for t in inp.values() if t is not None}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.data_ptr() not in inputs:
-            total += t.numel()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mk.molora_linear(*[inp[n] for n in NAMES[:9]], top_k=top_k, scaling=1.0, backend=backend)
-    return total
+def test_opcheck_custom_op():
+    E, r, d_in, d_out, T = 4, 3, 8, 6, 7
+    args = (torch.randn(T, d_in, requires_grad=True), torch.randn(d_out, d_in), torch.randn(d_out),
+            torch.randn(E, d_in, requires_grad=True), torch.randn(E, requires_grad=True),
+            torch.randn(E, r, d_in, requires_grad=True), torch.randn(E, d_out, r, requires_grad=True),
+            torch.randn(5, d_in, requires_grad=True), torch.randn(d_out, 5, requires_grad=True), None, 2, 0.5, "torch")
+    torch.library.opcheck(torch.ops.medcare_kernels.molora_linear.default, args)
 
 
-def test_saved_state_is_rank_space_only():
-    """The torch backend keeps O(T * (k*r + r_s + E)) floats for the backward beyond its inputs,
-    never anything proportional to E * d_out; the reference keeps the [E, T, d_out] stack."""
-    T, d_in, d_out, E, r, r_s, k = 256, 64, 512, 8, 4, 8, 2
-    inp = make(T, d_in, d_out, E, r, r_s, torch.float32)
-    assert saved_numel(inp, k, "torch") <= T * (k * r + r_s + E + 2 * k)
-    assert saved_numel(inp, k, "reference") >= E * T * d_out
+@pytest.mark.parametrize("dtype", [F32, F64], ids=helpers.dtype_id)
+@pytest.mark.parametrize("form", ["dense", "grouped"])
+def test_opcheck_backward_custom_op(form, dtype, monkeypatch):
+    """The backward op's fake gives the real gradients' layout (storage offset 0, contiguous), also where
+    the backend computes several gradients as slices of one GEMM's output."""
+    monkeypatch.setenv("MEDCARE_MOLORA_FORMULATION", form)
+    inp = {n: t.detach() if t is not None else None for n, t in
+           helpers.molora_make(7, 8, 6, 4, 3, 5, dtype, weight_grad=True).items()}
+    fwd = torch.ops.medcare_kernels.molora_linear(*[inp[n] for n in NAMES[:9]], None, 2, 0.5, "torch")
+    _y, logits, weights, indices, z = fwd
+    args = (torch.randn(7, 6, dtype=dtype), torch.randn(7, 4, dtype=dtype), inp["x"], None, inp["weight"],
+            inp["router_weight"], inp["lora_A"], inp["lora_B"], inp["shared_A"], inp["shared_B"], logits, weights,
+            indices, z, 2, 0.5, [True] * 10, "torch")
+    torch.library.opcheck(torch.ops.medcare_kernels.molora_linear_backward.default, args)
 
 
-def test_formulation_heuristic_follows_the_cpu_measurements():
-    """benchmarks/RESULTS.md: grouped for decoding (fewer slots than experts) and for many tokens, dense in
-    between and whenever k = E; on CUDA dense unless E*r is wide."""
-    from medcare_kernels.backends.pytorch.molora_linear import choose_formulation
+# ---- GPU: larger shapes, and what only the cuda backend's decode kernels promise ---------------------------
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_formulation(1, 8, 16, 2, cpu) == "grouped"
-    assert choose_formulation(8, 8, 16, 2, cpu) == "dense"
-    assert choose_formulation(128, 8, 16, 2, cpu) == "grouped"
-    assert choose_formulation(1024, 8, 16, 8, cpu) == "dense"
-    assert choose_formulation(0, 8, 16, 2, cpu) == "dense"
-    assert choose_formulation(4096, 8, 16, 2, cuda) == "dense"
-    assert choose_formulation(4096, 64, 16, 2, cuda) == "grouped"
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+@pytest.mark.parametrize("base", ["triton", "cublas"])
+@pytest.mark.parametrize("T", [1, 16, 300, 2048])
+def test_gpu_triton_larger_shapes(T, base, path, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_MOLORA_PATH", path)
+    monkeypatch.setenv("MEDCARE_TRITON_BASE", base)
+    for dtype in (F32, BF16):
+        helpers.molora_check(helpers.molora_make(T, 200, 312, 8, 16, 32, dtype), 2, 2.0, "triton", dtype,
+                             device="cuda", logits_grad=True)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_qwen_like_width_and_wide_experts(monkeypatch):
+    helpers.molora_check(helpers.molora_make(512, 896, 1216, 8, 16, 32, BF16), 2, 2.0, "triton", BF16, device="cuda")
+    monkeypatch.setenv("MEDCARE_TRITON_MOLORA_PATH", "grouped")
+    helpers.molora_check(helpers.molora_make(700, 512, 640, 64, 16, 32, BF16), 2, 2.0, "triton", BF16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+def test_gpu_triton_skewed_routing_idle_experts(path, monkeypatch):
+    monkeypatch.setenv("MEDCARE_TRITON_MOLORA_PATH", path)
+    helpers.molora_check_idle_experts(helpers.molora_make(300, 64, 48, 8, 16, 32, BF16), 2, SKEWED, "triton", BF16,
+                                      device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,router_dtype,lora_dtype", [(BF16, F32, BF16), (F16, F32, F32), (F32, BF16, BF16),
+                                                             (F16, BF16, BF16)])
+def test_gpu_cuda_mixed_parameter_dtypes(x_dtype, router_dtype, lora_dtype):
+    inp = helpers.molora_make(9, 40, 24, 6, 8, 16, x_dtype, lora_dtype=lora_dtype)
+    for n in ("router_weight", "router_bias"):
+        inp[n] = inp[n].detach().to(router_dtype).requires_grad_(True)
+    dtypes = {x_dtype, router_dtype, lora_dtype}
+    coarsest = BF16 if BF16 in dtypes else (F16 if F16 in dtypes else F32)  # gradients come back in each dtype
+    helpers.molora_check(inp, 2, 0.9, "cuda", coarsest, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=helpers.dtype_id)
+@pytest.mark.parametrize("T,d_in,r,r_s", [(1, 64, 16, 32), (16, 40, 8, 0), (64, 33, 3, 5), (200, 128, 16, 32)])
+def test_gpu_decode_kernel_state_matches_the_torch_backend(T, d_in, r, r_s, dtype):
+    """All five outputs of molora_decode_cuda (any T, called directly) against the torch backend's
+    forward on the same GPU tensors: the backward of a decode forward reads z, weights and indices."""
+    from medcare_kernels.backends.pytorch import molora_linear as torch_molora
+    E, d_out, k = 8, 72, 2
+    g = helpers.molora_make(T, d_in, d_out, E, r, r_s, dtype)
+    args = [None if g[n] is None else g[n].detach().to("cuda") for n in NAMES[:9]]
+    y, logits, w, idx, z = torch.ops.medcare_kernels.molora_decode_cuda(*args, None, k, 1.3)
+    y_t, logits_t, w_t, idx_t, z_t = torch_molora.forward(*args, None, k, 1.3)
+    assert z.shape == (T, k * r + r_s) and z.dtype == F32 and y.dtype == dtype
+    torch.testing.assert_close(logits, logits_t, rtol=1e-5, atol=1e-5)
+    same = (idx == idx_t).all(1)
+    assert same.float().mean() > 0.95
+    torch.testing.assert_close(w[same], w_t[same], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z[same], z_t[same], rtol=1e-4, atol=1e-4)
+    tol = {F32: 1e-4, BF16: 3e-2, F16: 5e-3}[dtype]
+    torch.testing.assert_close(y[same].float(), y_t[same].float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_path_is_used_for_few_tokens(monkeypatch):
+    from medcare_kernels.backends.cuda import molora_linear as cuda_molora
+    calls = []
+    real = cuda_molora._torch.forward
+    monkeypatch.setattr(cuda_molora._torch, "forward", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for T in (64, 65):
+        inp = {n: helpers.leaf_on(t, "cuda") for n, t in helpers.molora_make(T, 40, 24, 8, 4, 8, BF16).items()}
+        helpers.molora_call(inp, 2, 1.0, "cuda")
+    assert calls == [65], "64 tokens run the decode kernels, 65 the torch backend"
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_decode_kernel():
+    args = [None if t is None else t.detach().to("cuda") for t in
+            [helpers.molora_make(5, 16, 12, 4, 2, 4, BF16)[n] for n in NAMES[:9]]]
+    torch.library.opcheck(torch.ops.medcare_kernels.molora_decode_cuda.default, (*args, None, 2, 0.5))

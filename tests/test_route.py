@@ -1,4 +1,5 @@
-"""route: float32 softmax, top-k with ties to the lower index, renormalised; forward and gradient."""
+"""route on every backend: float32 softmax, top-k with ties to the lower index, renormalised; forward and
+gradient against the float64 oracle."""
 
 from __future__ import annotations
 
@@ -6,61 +7,50 @@ import pytest
 import torch
 
 import medcare_kernels as mk
-from tests import oracle
-from tests.conftest import assert_close, assert_routing_near_ties, leaf_on
+from tests import helpers
+from tests.helpers import BF16, F16, F32, F64
 
-BACKENDS = ["torch", "reference"]
-
-
-def check(T, E, top_k, dtype, backend, *, device="cpu"):
-    """Random logits [T, E] of ``dtype`` routed by the library on ``device``: weights, indices and the
-    logits' gradient vs the float64 oracle on the CPU."""
-    logits_cpu = (torch.randn(T, E) * 2).to(dtype).requires_grad_(True)
-    logits = leaf_on(logits_cpu, device)
-    weights, indices = mk.route(logits, top_k, backend=backend)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert weights.shape == (T, top_k) and weights.dtype == acc and weights.device == logits.device
-    assert indices.shape == (T, top_k) and indices.dtype == torch.int64 and indices.device == logits.device
-    ref_logits = oracle.leaf64(logits_cpu)
-    if T:
-        assert_routing_near_ties(indices, ref_logits, top_k, 1e-6)
-    w64, _ = oracle.route(ref_logits, top_k, indices.cpu())
-    tol = torch.float64 if dtype == torch.float64 else torch.float32  # float32 math for every input dtype
-    assert_close(weights, w64, tol, "weights")
-    if T:
-        assert torch.allclose(weights.sum(-1).cpu().double(), torch.ones(T, dtype=torch.float64), atol=1e-6)
-        assert (weights[:, :-1] >= weights[:, 1:]).all(), "weights come in descending order"
-    g = torch.randn(T, top_k, dtype=torch.float64)
-    (got,) = torch.autograd.grad((weights.double() * g.to(weights.device)).sum(), logits, allow_unused=True)
-    (want,) = torch.autograd.grad((w64 * g).sum(), ref_logits)
-    assert got is not None and got.dtype == dtype and got.device == logits.device
-    assert_close(got, want, tol if dtype in (torch.float32, torch.float64) else dtype, "d logits")
+RUNS = helpers.runs("torch", "reference", "triton", "cuda")
+# (T, E, top_k): empty, one token, k = E, E = 1, many experts, T not a multiple of any block.
+CASES = [(0, 8, 2), (1, 8, 2), (7, 2, 1), (37, 8, 8), (64, 64, 2), (33, 64, 64), (5, 1, 1), (1000, 8, 2),
+         (5000, 8, 2)]
 
 
-def check_ties(backend, *, device="cpu"):
-    """Equal probabilities go to the lower expert index, in every input dtype and with many experts."""
-    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0],
-                           [2.0, 2.0, 2.0, 2.0, 2.0],
-                           [0.0, 5.0, 1.0, 5.0, 1.0]], device=device)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert mk.route(logits.to(dtype), 2, backend=backend)[1].tolist() == [[1, 2], [0, 1], [1, 3]]
-        assert mk.route(logits.to(dtype), 3, backend=backend)[1].tolist() == [[1, 2, 3], [0, 1, 2], [1, 3, 2]]
-    wide = torch.zeros(2, 100, device=device)  # every expert tied, more experts than lanes and k > 32
-    assert mk.route(wide, 40, backend=backend)[1].tolist() == [list(range(40))] * 2
+def _dtypes(run):
+    return (F32, BF16, F16) if run.backend == "triton" else (F32, BF16, F16, F64)  # triton: no 64-bit kernels
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
-                         ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("T,E,top_k", [(0, 8, 2), (1, 8, 2), (7, 2, 1), (64, 8, 8), (1000, 8, 2), (64, 64, 2),
-                                       (33, 64, 64), (5, 1, 1)])
-def test_matches_float64_oracle(T, E, top_k, dtype, backend):
-    check(T, E, top_k, dtype, backend)
+def _keep(case, run, dtype):
+    T = case[0]
+    if run.interpreted:
+        return T <= 64
+    return T <= 1000 or run.device == "cuda"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_go_to_the_lower_index(backend):
-    check_ties(backend)
+@pytest.mark.parametrize("case,run,dtype", helpers.grid(CASES, RUNS, _dtypes, _keep))
+def test_matches_float64_oracle(case, run, dtype, monkeypatch):
+    run.apply(monkeypatch)
+    helpers.route_check(*case, dtype, run.backend, device=run.device)
+
+
+@pytest.mark.parametrize("run", helpers.by_run(RUNS))
+def test_ties_go_to_the_lower_index(run, monkeypatch):
+    run.apply(monkeypatch)
+    helpers.route_check_ties(run.backend, device=run.device)
+
+
+@pytest.mark.parametrize("run", helpers.by_run(helpers.runs("torch", "triton", "cuda")))
+def test_eager_and_custom_op_paths_agree(run, monkeypatch):
+    """The eager autograd.Function and the torch.library custom op (what torch.compile traces) run the same
+    backend code: identical weights, indices and logit gradients."""
+    run.apply(monkeypatch)
+    logits = torch.randn(37, 8, device=run.device, requires_grad=True)
+    g = torch.randn(37, 3, device=run.device)
+    w, i = mk.route(logits, 3, backend=run.backend)
+    (d_eager,) = torch.autograd.grad((w * g).sum(), logits)
+    w2, i2 = torch.ops.medcare_kernels.route(logits, 3, run.backend)
+    (d_op,) = torch.autograd.grad((w2 * g).sum(), logits)
+    assert torch.equal(w, w2) and torch.equal(i, i2) and torch.equal(d_eager, d_op)
 
 
 def test_leading_dims_are_kept():
@@ -72,11 +62,41 @@ def test_leading_dims_are_kept():
 
 
 def test_k_equals_e_is_plain_softmax():
-    logits = torch.randn(10, 5, dtype=torch.float64)
+    logits = torch.randn(10, 5, dtype=F64)
     weights, indices = mk.route(logits, 5)
     assert torch.allclose(weights, torch.softmax(logits, -1).gather(1, indices))
 
 
 def test_gradcheck_float64():
-    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(6, 5, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: mk.route(t, 3)[0], [logits])
+
+
+def test_opcheck_custom_op():
+    """torch.library.opcheck: schema, fake implementation against the real one, autograd registration."""
+    torch.library.opcheck(torch.ops.medcare_kernels.route.default, (torch.randn(9, 6, requires_grad=True), 2, "torch"))
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_match_the_torch_backend_on_the_gpu():
+    from medcare_kernels.backends.pytorch import route as torch_route
+
+    ops = torch.ops.medcare_kernels
+    logits = torch.randn(3000, 16, device="cuda") * 3
+    w, i = ops.route_fwd_cuda(logits, 4)
+    w_t, i_t = mk.route(logits, 4, backend="torch")
+    same = (i == i_t).all(1)
+    assert same.float().mean() > 0.999
+    torch.testing.assert_close(w[same], w_t[same], rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(w)
+    torch.testing.assert_close(ops.route_bwd_cuda(g, logits, w, i)[same], torch_route.backward(g, logits, w, i)[same],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_opcheck_compiled_kernels():
+    ops = torch.ops.medcare_kernels
+    logits = torch.randn(9, 6, device="cuda")
+    w, i = ops.route_fwd_cuda(logits, 2)
+    torch.library.opcheck(ops.route_fwd_cuda.default, (logits, 2))
+    torch.library.opcheck(ops.route_bwd_cuda.default, (torch.randn(9, 2, device="cuda"), logits, w, i))

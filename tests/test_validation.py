@@ -45,6 +45,13 @@ def expect(err, pattern, fn):
     (dict(weight=torch.randn(10, 12, dtype=torch.float64)), TypeError, r"weight must have the dtype of x"),
     (dict(lora_B=torch.randn(4, 10, 3, dtype=torch.float64)), TypeError, r"lora_B must have the dtype of lora_A"),
     (dict(lora_B=torch.randn(4, 10, 3, device="meta")), ValueError, r"lora_B is on meta but x is on cpu"),
+    (dict(x=torch.randn(5, 0), weight=torch.randn(10, 0), router_weight=torch.randn(4, 0),
+          lora_A=torch.randn(4, 3, 0), shared_A=torch.randn(6, 0)), ValueError,
+     r"weight must have d_in >= 1 input features, got shape \[10, 0\]"),
+    (dict(lora_A=torch.randn(4, 0, 12), lora_B=torch.randn(4, 10, 0)), ValueError,
+     r"lora_A must have r >= 1 \(lora_A is \[E, r, d_in\]\), got r = 0"),
+    (dict(shared_A=torch.randn(0, 12), shared_B=torch.randn(10, 0)), ValueError,
+     r"shared_A must have r_s >= 1 .*pass shared_A=shared_B=None for no shared experts"),
 ])
 def test_molora_bad_tensors(change, err, pattern):
     args = molora_args()
@@ -57,6 +64,8 @@ def test_molora_bad_tensors(change, err, pattern):
     (dict(top_k=0), ValueError, r"top_k must satisfy 1 <= top_k <= E = 4, got 0"),
     (dict(top_k=2.0), TypeError, r"top_k must be an int"),
     (dict(scaling="2"), TypeError, r"scaling must be a float"),
+    (dict(scaling=float("nan")), ValueError, r"scaling must be a finite float, got nan"),
+    (dict(scaling=float("inf")), ValueError, r"scaling must be a finite float, got inf"),
     (dict(lora_x=torch.randn(5, 13)), ValueError, r"lora_x must have shape x.shape = \[5, 12\]"),
     (dict(lora_x=torch.randn(5, 12, dtype=torch.float64)), TypeError, r"lora_x must have the dtype of x"),
     (dict(backend="cutlass"), ValueError, r"backend must be one of .*'torch'.* or 'auto', got 'cutlass'"),
@@ -82,6 +91,13 @@ def test_lora_linear_errors():
            lambda: mk.lora_linear(torch.randn(4, 9), w, None, torch.randn(3, 8), torch.randn(6, 3), scaling=1.0))
     expect(TypeError, r"lora_A must have a floating dtype",
            lambda: mk.lora_linear(x, w, None, torch.ones(3, 8, dtype=torch.int32), torch.randn(6, 3), scaling=1.0))
+    expect(ValueError, r"lora_A must have r >= 1",
+           lambda: mk.lora_linear(x, w, None, torch.randn(0, 8), torch.randn(6, 0), scaling=1.0))
+    expect(ValueError, r"weight must have d_in >= 1",
+           lambda: mk.lora_linear(torch.randn(4, 0), torch.randn(6, 0), None, torch.randn(3, 0), torch.randn(6, 3),
+                                  scaling=1.0))
+    expect(ValueError, r"scaling must be a finite float, got -inf",
+           lambda: mk.lora_linear(x, w, None, torch.randn(3, 8), torch.randn(6, 3), scaling=float("-inf")))
 
 
 def test_orthogonal_penalty_errors():

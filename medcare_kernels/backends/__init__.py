@@ -1,41 +1,41 @@
 """Backend registry: which implementations exist, which can run here, and which one a call uses.
 
 A *backend* is a family of implementations of the public ops (``route``, ``molora_linear``,
-``lora_linear``, ``orthogonal_penalty``):
+``lora_linear``, ``orthogonal_penalty``), one module per op at ``medcare_kernels/backends/<name>/<op>.py``:
 
 =============  ====================================================================================
 ``reference``  the authors' dense method (every expert for every token, stack, gather), differentiated
-               by plain autograd: the benchmark baseline and a test oracle, never chosen by ``auto``
+               by plain autograd: the benchmark baseline and a test oracle, never chosen by ``auto``.
+               Its modules provide ``apply(...)``.
 ``torch``      portable PyTorch (CPU and CUDA): gating in rank space, dense-masked or grouped
 ``cuda``       the compiled extension ``medcare_kernels._C`` (``csrc/``): route, orthogonal_penalty and
                the molora_linear decode path; the rest delegates to ``torch`` (see its package doc).
                Available when the extension was built and loaded and the tensors are on a GPU
-``triton``     fused Triton kernels (:mod:`medcare_kernels.triton`): CUDA GPUs, or the CPU under
-               ``TRITON_INTERPRET=1`` (slow; for tests); ``auto``'s choice for CUDA tensors
+``triton``     fused Triton kernels: CUDA GPUs, or the CPU under ``TRITON_INTERPRET=1`` (slow; tests)
 =============  ====================================================================================
 
-Each backend provides, per op, a module ``<package>.<op>`` (or a module registered with
-:func:`register_impl`) with two functions whose signatures are fixed per op (see the op modules under
-:mod:`medcare_kernels.ops`): ``forward(...)`` and ``backward(...)``. The reference backend instead
-provides ``apply(...)``, plain differentiable PyTorch. Modules are imported lazily, on first use.
+Every backend but the reference provides per op ``forward(...)`` and ``backward(...)`` with the
+signatures of the backend contract (:mod:`medcare_kernels.ops`). Modules are imported on first use.
 
-Selection (:func:`resolve_backend`): an explicit name wins; ``"auto"`` takes ``MEDCARE_BACKEND`` when
-it is set, else the op's preference for the tensors' device (CPU -> ``torch``). A backend that is
-asked for by name but cannot run raises :class:`BackendUnavailableError` saying what is missing; there
-is never a silent fallback.
+Selection (:func:`resolve_backend`): an explicit name wins; ``"auto"`` takes ``MEDCARE_BACKEND`` when it
+is set, else ``torch`` for CPU tensors and float64, else the first backend of the op's preference
+(:data:`medcare_kernels.dispatch.PREFERENCES`) that can run. A backend asked for by name that cannot
+run raises :class:`BackendUnavailableError` saying what is missing; there is never a silent fallback.
+:func:`record_backends` records which backend each call resolved to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
-from medcare_kernels import _extension
+from medcare_kernels import _extension, dispatch
 
 __all__ = [
     "BACKENDS",
@@ -43,23 +43,12 @@ __all__ = [
     "available_backends",
     "backend_unavailable_reason",
     "get_impl",
-    "pick_fast",
-    "register_impl",
+    "record_backends",
     "resolve_backend",
 ]
 
-ENV_VAR = "MEDCARE_BACKEND"
-
-
-def _always(device: torch.device) -> str | None:
-    return None
-
-
-def _cuda_reason(device: torch.device) -> str | None:
-    """None when the compiled extension loaded and ``device`` is a GPU; else what is missing and how
-    to build it."""
-    return _extension.unavailable_reason(device)
-
+#: Every backend name the library knows, in the order ``available_backends`` reports them.
+BACKENDS: tuple[str, ...] = dispatch.BACKEND_NAMES
 
 #: Whether triton is installed, looked up once without importing it. Not per call: ``resolve_backend``
 #: runs inside ``torch.compile``d code, and dynamo refuses to trace ``importlib.util.find_spec``
@@ -82,47 +71,27 @@ def _triton_reason(device: torch.device) -> str | None:
     return f"triton kernels do not run on {device.type} devices"
 
 
-# name -> (package holding one module per op, why it cannot run on a device or None).
-# Listed in the order ``available_backends`` reports them.
-_BACKENDS: dict[str, tuple[str, Callable[[torch.device], str | None]]] = {
-    "reference": ("medcare_kernels.backends.reference", _always),
-    "torch": ("medcare_kernels.backends.pytorch", _always),
-    "cuda": ("medcare_kernels.backends.cuda", _cuda_reason),
-    "triton": ("medcare_kernels.triton", _triton_reason),
-}
+def _unavailable(backend: str, device: torch.device) -> str | None:
+    if backend == "cuda":
+        return _extension.unavailable_reason(device)
+    if backend == "triton":
+        return _triton_reason(device)
+    return None  # reference and torch run wherever torch does
 
-#: Every backend name the library knows.
-BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
 
-#: Backends ``auto`` may pick for CUDA tensors, fastest first (the op's ``choose`` refines this).
-_FAST_CUDA_BACKENDS: tuple[str, ...] = tuple(b for b in ("cuda", "triton") if b in _BACKENDS)
-
-_registered: dict[tuple[str, str], ModuleType | str] = {}
 _loaded: dict[tuple[str, str], ModuleType] = {}
+_recorders: list[dict[str, set[str]]] = []
 
 
 class BackendUnavailableError(ValueError):
     """A backend was asked for by name but cannot run for these tensors on this machine."""
 
 
-def register_impl(op: str, backend: str, module: ModuleType | str) -> None:
-    """Register ``module`` (or a dotted module path, imported on first use) as ``backend``'s ``op``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _registered[(op, backend)] = module
-    _loaded.pop((op, backend), None)
-
-
-def _module_path(op: str, backend: str) -> str | ModuleType:
-    return _registered.get((op, backend), f"{_BACKENDS[backend][0]}.{op}")
-
-
 def backend_unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
     """Why ``backend`` cannot run on ``device`` (default: CUDA when visible, else CPU); None if it can."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
-    device = _default_device() if device is None else torch.device(device)
-    return _BACKENDS[backend][1](device)
+    return _unavailable(backend, _default_device() if device is None else torch.device(device))
 
 
 def _default_device() -> torch.device:
@@ -137,17 +106,14 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
 
 
-def resolve_backend(
-    requested: str | None,
-    device: torch.device,
-    op: str,
-    choose: Callable[[Sequence[str]], str] | None = None,
-) -> str:
-    """The backend an ``op`` call on ``device`` runs with.
+def resolve_backend(op: str, requested: str | None, device: torch.device, dtype: torch.dtype, tokens: int = 0,
+                    needs_grad: bool = True) -> str:
+    """The backend an ``op`` call runs with.
 
-    ``requested`` is a backend name or ``"auto"``/None. With ``"auto"`` the ``MEDCARE_BACKEND``
-    environment variable wins when set; otherwise CPU tensors get ``torch`` and CUDA tensors get
-    ``choose(available)`` (the op's measured preference for the shape), or ``torch`` without one.
+    ``requested``: a backend name, or ``"auto"``/None. With ``"auto"`` the ``MEDCARE_BACKEND`` environment
+    variable wins when set; otherwise CPU tensors and float64 (``dtype``: the call's accumulation dtype)
+    get ``torch``, and CUDA tensors the first runnable backend of
+    ``dispatch.preferred(op, tokens, needs_grad)``, else ``torch``.
     """
     if requested is None:
         requested = "auto"
@@ -155,38 +121,45 @@ def resolve_backend(
         raise TypeError(f"backend must be a str (one of {BACKENDS} or 'auto'), got {type(requested).__name__}")
     source = "backend"
     if requested == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
-        if env and env != "auto":
-            requested, source = env, ENV_VAR
+        env = dispatch.knob("MEDCARE_BACKEND")
+        if env != "auto":
+            requested, source = env, "MEDCARE_BACKEND"
     if requested == "auto":
-        if device.type == "cuda" and choose is not None:
-            fast = [b for b in _FAST_CUDA_BACKENDS if backend_unavailable_reason(b, device) is None]
-            return choose(fast) if fast else "torch"
-        return "torch"
-    if requested not in BACKENDS:
+        name = "torch"
+        if device.type == "cuda" and dtype != torch.float64:
+            name = next((b for b in dispatch.preferred(op, tokens, needs_grad) if _unavailable(b, device) is None),
+                        "torch")
+    elif requested not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS} or 'auto', got {requested!r}")
-    reason = backend_unavailable_reason(requested, device)
-    if reason is not None:
-        raise BackendUnavailableError(f"{source}={requested!r} cannot run {op}: {reason}")
-    return requested
+    else:
+        reason = _unavailable(requested, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{source}={requested!r} cannot run {op}: {reason}")
+        name = requested
+    for rec in _recorders:
+        rec.setdefault(op, set()).add(name)
+    return name
 
 
-def pick_fast(available: Sequence[str], dtype: torch.dtype, order: Sequence[str]) -> str:
-    """``auto``'s pick for CUDA tensors: the first backend of ``order`` (an op's preference, fastest
-    first) that can run, else ``torch``; always ``torch`` for float64 (no 64-bit kernels)."""
-    if dtype != torch.float64:
-        for name in order:
-            if name in available:
-                return name
-    return "torch"
+@contextlib.contextmanager
+def record_backends() -> Iterator[dict[str, set[str]]]:
+    """Within the block, record which backend every op call resolved to: yields ``{op: {backend, ...}}``.
+
+    Calls traced by ``torch.compile`` are recorded when they are traced."""
+    rec: dict[str, set[str]] = {}
+    _recorders.append(rec)
+    try:
+        yield rec
+    finally:
+        _recorders.remove(rec)
 
 
 def get_impl(op: str, backend: str) -> ModuleType:
-    """The module implementing ``op`` for ``backend`` (imported on first use)."""
+    """The module implementing ``op`` for ``backend``: ``medcare_kernels.backends.<pkg>.<op>`` (imported on
+    first use; the torch backend's package is ``pytorch``, so it never shadows ``torch``)."""
     key = (op, backend)
     mod = _loaded.get(key)
     if mod is None:
-        target = _module_path(op, backend)
-        mod = importlib.import_module(target) if isinstance(target, str) else target
-        _loaded[key] = mod
+        pkg = "pytorch" if backend == "torch" else backend
+        mod = _loaded[key] = importlib.import_module(f"medcare_kernels.backends.{pkg}.{op}")
     return mod

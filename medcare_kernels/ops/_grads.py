@@ -10,8 +10,10 @@ import torch
 
 def pack(grads: Sequence[torch.Tensor | None], like: torch.Tensor,
          inputs: Iterable[torch.Tensor | None] = ()) -> list[torch.Tensor]:
-    """Replace each None by an empty tensor and clone any gradient that shares memory with an earlier
-    one or with one of ``inputs`` (e.g. slices of one GEMM's output), so the list can leave a custom op."""
+    """Replace each None by an empty tensor and copy any gradient that shares memory with an earlier one
+    or with one of ``inputs`` (e.g. slices of one GEMM's output), or that is not a dense tensor starting
+    at its storage's beginning (what the fake implementations promise: ``torch.library.opcheck`` compares
+    strides and storage offsets), so the list can leave a custom op."""
     seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
     out = []
     for g in grads:
@@ -20,8 +22,8 @@ def pack(grads: Sequence[torch.Tensor | None], like: torch.Tensor,
             continue
         if g.numel():
             ptr = g.untyped_storage().data_ptr()
-            if ptr in seen:
-                g = g.clone()
+            if ptr in seen or g.storage_offset() or not g.is_contiguous():
+                g = g.clone(memory_format=torch.contiguous_format)
                 ptr = g.untyped_storage().data_ptr()
             seen.add(ptr)
         out.append(g)

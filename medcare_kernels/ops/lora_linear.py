@@ -1,25 +1,18 @@
 """``lora_linear``: a frozen linear plus one (possibly concatenated) LoRA, float32 LoRA arithmetic."""
 
 from __future__ import annotations
-
-
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from medcare_kernels import _checks
-from medcare_kernels.backends import get_impl, pick_fast, resolve_backend
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
-from medcare_kernels.ops import _grads
+from medcare_kernels.backends import get_impl, resolve_backend
+from medcare_kernels.dispatch import accumulate_dtype
+from medcare_kernels.ops import _grads, _run
 
 _OP = "lora_linear"
-# ``auto``'s preference on CUDA tensors (not benchmarked on its own yet; its kernels are molora_linear's
-# shrink and K-extended GEMM, measured there):
-# only triton has LoRA kernels (the cuda backend runs the torch code for this op).
-_FAST = ("triton",)
 _GRAD_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B", "lora_x")
-
 
 
 @torch.library.custom_op("medcare_kernels::lora_linear", mutates_args=())
@@ -58,14 +51,38 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_z):
     needs = list(ctx.needs_input_grad[: len(_GRAD_INPUTS)])
-    x, lora_x, weight, lora_A, lora_B, z = ctx.saved_tensors
-    grad_y = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if grad_y is None \
-        else grad_y.contiguous()
-    grads = _lora_linear_backward_op(grad_y, x, lora_x, weight, lora_A, lora_B, z, ctx.scaling, needs, ctx.backend)
+    saved = ctx.saved_tensors
+    grads = _lora_linear_backward_op(_dense(saved, grad_y), *saved, ctx.scaling, needs, ctx.backend)
     return (*_grads.unpack(grads, needs), None, None)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _dense(saved, grad_y):
+    """``grad_y`` as the backends take it: contiguous (zeros if the output got no gradient)."""
+    if grad_y is None:
+        x, weight = saved[0], saved[2]
+        return torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    return grad_y.contiguous()
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """The eager path (:mod:`medcare_kernels.ops._run`): the custom op's forward and backward, called directly."""
+
+    @staticmethod
+    def forward(ctx, impl, x, weight, bias, lora_A, lora_B, lora_x, scaling):
+        y, z = impl.forward(x, weight, bias, lora_A, lora_B, lora_x, scaling)
+        ctx.save_for_backward(x, lora_x, weight, lora_A, lora_B, z)
+        ctx.impl, ctx.scaling = impl, scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        saved = ctx.saved_tensors
+        grads = ctx.impl.backward(_dense(saved, grad_y), *saved, ctx.scaling,
+                                  ctx.needs_input_grad[1: 1 + len(_GRAD_INPUTS)])
+        return (None, *grads, None)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, *,
@@ -86,6 +103,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     lora_A = _checks.tensor("lora_A", lora_A, ndim=2)
     r = lora_A.shape[0]
     _checks.shape("lora_A", lora_A, (r, d_in), "[r, d_in]")
+    _checks.rank("lora_A", r, "r", "lora_A is [r, d_in]")
     _checks.tensor("lora_B", lora_B, ndim=2)
     _checks.shape("lora_B", lora_B, (d_out, r), "[d_out, r] (r from lora_A)")
     _checks.same_dtype("lora_B", lora_B, "lora_A", lora_A)
@@ -93,11 +111,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     _checks.lora_x(lora_x, x)
     device = _checks.same_device([("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A),
                                   ("lora_B", lora_B), ("lora_x", lora_x)])
-    wide = accumulate_dtype(x.dtype, lora_A.dtype)
-    be = resolve_backend(backend, device, _OP, choose=lambda available: pick_fast(available, wide, _FAST))
+    grad = _run.needs_grad(x, weight, bias, lora_A, lora_B, lora_x)
+    be = resolve_backend(_OP, backend, device, accumulate_dtype(x.dtype, lora_A.dtype), x.numel() // d_in, grad)
     x2, lx2 = _checks.tokens_2d(x, lora_x)
-    if be == "reference":
-        y = get_impl(_OP, be).apply(x2, weight, bias, lora_A, lora_B, lx2, scaling)
-    else:
-        y, _z = _lora_linear_op(x2, weight, bias, lora_A, lora_B, lx2, scaling, be)
+    (y,) = _run.call(_OP, be, (x2, weight, bias, lora_A, lora_B, lx2, scaling), eager=_LoRAFunction.apply,
+                     custom_op=_lora_linear_op, outputs=1, grad=grad)
     return y.reshape(*x.shape[:-1], d_out)

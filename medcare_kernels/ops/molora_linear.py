@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from medcare_kernels import _checks
-from medcare_kernels.backends import get_impl, pick_fast, resolve_backend
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
-from medcare_kernels.ops import _grads
+from medcare_kernels.backends import get_impl, resolve_backend
+from medcare_kernels.dispatch import accumulate_dtype
+from medcare_kernels.ops import _grads, _run
 
 _OP = "molora_linear"
 # Order of the differentiable inputs, shared by `needs` and the backward's outputs.
@@ -78,18 +77,45 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_logits, _gw, _gi, _gz):
     needs = list(ctx.needs_input_grad[: len(_GRAD_INPUTS)])
-    (x, lora_x, weight, router_weight, lora_A, lora_B, shared_A, shared_B, logits, weights, indices,
-     z) = ctx.saved_tensors
-    grad_y = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if grad_y is None \
-        else grad_y.contiguous()
-    grad_logits = None if grad_logits is None else grad_logits.contiguous()
-    grads = _molora_linear_backward_op(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora_B,
-                                       shared_A, shared_B, logits, weights, indices, z, ctx.top_k, ctx.scaling,
-                                       needs, ctx.backend)
+    saved = ctx.saved_tensors
+    grad_y, grad_logits = _grad_inputs(saved, grad_y, grad_logits)
+    grads = _molora_linear_backward_op(grad_y, grad_logits, *saved, ctx.top_k, ctx.scaling, needs, ctx.backend)
     return (*_grads.unpack(grads, needs), None, None, None)
 
 
 _molora_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _grad_inputs(saved, grad_y, grad_logits):
+    """The incoming gradients as the backends take them: a dense ``grad_y`` (zeros when only the logits
+    got one) and ``grad_logits`` or None."""
+    x, weight = saved[0], saved[2]
+    if grad_y is None:
+        grad_y = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    return grad_y.contiguous(), None if grad_logits is None else grad_logits.contiguous()
+
+
+class _MoLoRAFunction(torch.autograd.Function):
+    """The eager path (:mod:`medcare_kernels.ops._run`): the custom op's forward and backward, called directly."""
+
+    @staticmethod
+    def forward(ctx, impl, x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lora_x,
+                top_k, scaling):
+        y, logits, weights, indices, z = impl.forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B,
+                                                      shared_A, shared_B, lora_x, top_k, scaling)
+        ctx.save_for_backward(x, lora_x, weight, router_weight, lora_A, lora_B, shared_A, shared_B, logits,
+                              weights, indices, z)
+        ctx.impl, ctx.top_k, ctx.scaling = impl, top_k, scaling
+        ctx.set_materialize_grads(False)
+        return y, logits
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logits):
+        needs = ctx.needs_input_grad[1: 1 + len(_GRAD_INPUTS)]
+        saved = ctx.saved_tensors
+        grad_y, grad_logits = _grad_inputs(saved, grad_y, grad_logits)
+        grads = ctx.impl.backward(grad_y, grad_logits, *saved, ctx.top_k, ctx.scaling, needs)
+        return (None, *grads, None, None)
 
 
 def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, top_k, scaling,
@@ -106,6 +132,7 @@ def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A
     lora_A = _checks.tensor("lora_A", lora_A, ndim=3)
     r = lora_A.shape[1]
     _checks.shape("lora_A", lora_A, (E, r, d_in), "[E, r, d_in]")
+    _checks.rank("lora_A", r, "r", "lora_A is [E, r, d_in]")
     lora_B = _checks.tensor("lora_B", lora_B, ndim=3)
     _checks.shape("lora_B", lora_B, (E, d_out, r), "[E, d_out, r] (r from lora_A)")
     _checks.same_dtype("lora_B", lora_B, "lora_A", lora_A)
@@ -116,6 +143,8 @@ def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A
         shared_A = _checks.tensor("shared_A", shared_A, ndim=2)
         r_s = shared_A.shape[0]
         _checks.shape("shared_A", shared_A, (r_s, d_in), "[r_s, d_in]")
+        _checks.rank("shared_A", r_s, "r_s", "shared_A is [r_s, d_in]; pass shared_A=shared_B=None for no shared "
+                     "experts")
         _checks.tensor("shared_B", shared_B, ndim=2)
         _checks.shape("shared_B", shared_B, (d_out, r_s), "[d_out, r_s] (r_s from shared_A)")
         _checks.same_dtype("shared_A", shared_A, "lora_A", lora_A)
@@ -128,19 +157,6 @@ def _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A
                                   ("shared_A", shared_A), ("shared_B", shared_B), ("lora_x", lora_x)])
     return top_k, scaling, device
 
-
-
-def _fast_order(tokens: int, *params: Tensor | None) -> tuple[str, ...]:
-    """``auto``'s preference on CUDA tensors (DESIGN.md section 5). The cuda backend's decode kernels
-    (forward only) for inference with few tokens: the base GEMM plus three small launches, where the GEMM
-    formulations pay a dozen launches; triton otherwise (fused forward and backward). Measured on an H200
-    (benchmarks/RESULTS.md): decode 0.087-0.126 ms with cuda against 0.26-0.50 ms with triton and 0.54-0.60 ms
-    with torch (T <= 64, Qwen2-7B FFN); training at T=16384 1.41-1.55x the frozen linear with triton
-    against 2.8-3.1x with torch."""
-    from medcare_kernels.backends.cuda import DECODE_MAX_TOKENS
-
-    training = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-    return ("cuda", "triton") if tokens <= DECODE_MAX_TOKENS and not training else ("triton",)
 
 
 def molora_linear(
@@ -169,13 +185,11 @@ def molora_linear(
     """
     top_k, scaling, device = _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A,
                                     shared_B, top_k, scaling, lora_x)
-    wide = accumulate_dtype(x.dtype, lora_A.dtype, router_weight.dtype)
-    be = resolve_backend(backend, device, _OP, choose=lambda available: pick_fast(
-        available, wide, _fast_order(math.prod(x.shape[:-1]), x, router_weight, lora_A, lora_B, shared_A, shared_B)))
+    grad = _run.needs_grad(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lora_x)
+    be = resolve_backend(_OP, backend, device, accumulate_dtype(x.dtype, lora_A.dtype, router_weight.dtype),
+                         x.numel() // x.shape[-1], grad)
     x2, lx2 = _checks.tokens_2d(x, lora_x)
-    args = (x2, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lx2, top_k, scaling)
-    if be == "reference":
-        y, logits = get_impl(_OP, be).apply(*args)
-    else:
-        y, logits, _w, _i, _z = _molora_linear_op(*args, be)
+    y, logits = _run.call(_OP, be, (x2, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B,
+                                    lx2, top_k, scaling),
+                          eager=_MoLoRAFunction.apply, custom_op=_molora_linear_op, outputs=2, grad=grad)
     return y.reshape(*x.shape[:-1], weight.shape[0]), logits

@@ -8,16 +8,11 @@ import torch
 from torch import Tensor
 
 from medcare_kernels import _checks
-from medcare_kernels.backends import get_impl, pick_fast, resolve_backend
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
-from medcare_kernels.ops import _grads
+from medcare_kernels.backends import get_impl, resolve_backend
+from medcare_kernels.dispatch import accumulate_dtype
+from medcare_kernels.ops import _grads, _run
 
 _OP = "orthogonal_penalty"
-# ``auto``'s preference on CUDA tensors, measured on an H200 (benchmarks/RESULTS.md): the compiled kernel
-# (every layer in one launch per pass, deterministic) was fastest, 3.1-5.6x the torch forward, 2.5x with
-# the backward; triton's 2.1-3.3x forward.
-_FAST = ("cuda", "triton")
-
 
 
 @torch.library.custom_op("medcare_kernels::orthogonal_penalty", mutates_args=())
@@ -63,6 +58,30 @@ def _backward(ctx, grad):
 _penalty_op.register_autograd(_backward, setup_context=_setup)
 
 
+class _PenaltyFunction(torch.autograd.Function):
+    """The eager path (:mod:`medcare_kernels.ops._run`): the backend's forward and backward, called directly.
+    The layers arrive flattened (``layers`` base tensors, then as many orth tensors): autograd.Function
+    differentiates tensor arguments only."""
+
+    @staticmethod
+    def forward(ctx, impl, layers, *tensors):
+        base_A, orth_A = list(tensors[:layers]), list(tensors[layers:])
+        ctx.save_for_backward(*tensors)
+        ctx.impl, ctx.layers = impl, layers
+        return impl.forward(base_A, orth_A)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        n = ctx.layers
+        needs = [any(ctx.needs_input_grad[2: 2 + n]), any(ctx.needs_input_grad[2 + n:])]
+        d_base, d_orth = ctx.impl.backward(grad, list(saved[:n]), list(saved[n:]), needs)
+        return (None, None, *(d_base if needs[0] else [None] * n), *(d_orth if needs[1] else [None] * n))
+
+
+def _eager(impl, base_A, orth_A):
+    return _PenaltyFunction.apply(impl, len(base_A), *base_A, *orth_A)
+
 
 def orthogonal_penalty(base_A: Sequence[Tensor], orth_A: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
     """The MedCare stage-2 penalty ``P = sum_l sum(abs(base_A[l] @ orth_A[l].T))``.
@@ -93,10 +112,10 @@ def orthogonal_penalty(base_A: Sequence[Tensor], orth_A: Sequence[Tensor], *, ba
                              f"got {list(b.shape)} and {list(o.shape)}")
         named += [(f"base_A[{i}]", b), (f"orth_A[{i}]", o)]
     device = _checks.same_device(named)
-    wide = accumulate_dtype(*[t.dtype for t in [*base_A, *orth_A]])
-    be = resolve_backend(backend, device, _OP, choose=lambda available: pick_fast(available, wide, _FAST))
+    grad = _run.needs_grad(*base_A, *orth_A)
+    be = resolve_backend(_OP, backend, device, accumulate_dtype(*[t.dtype for t in [*base_A, *orth_A]]), 0, grad)
     base_A = [t.contiguous() for t in base_A]
     orth_A = [t.contiguous() for t in orth_A]
-    if be == "reference":
-        return get_impl(_OP, be).apply(base_A, orth_A)
-    return _penalty_op(base_A, orth_A, be)
+    (penalty,) = _run.call(_OP, be, (base_A, orth_A), eager=_eager, custom_op=_penalty_op, outputs=1,
+                           grad=grad)
+    return penalty

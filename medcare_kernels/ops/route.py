@@ -1,20 +1,15 @@
 """``route``: float32 softmax over the experts, top-k (ties to the lower index), renormalised weights."""
 
 from __future__ import annotations
-
-
 import torch
 from torch import Tensor
 
 from medcare_kernels import _checks
-from medcare_kernels.backends import get_impl, pick_fast, resolve_backend
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
+from medcare_kernels.backends import get_impl, resolve_backend
+from medcare_kernels.dispatch import accumulate_dtype
+from medcare_kernels.ops import _run
 
 _OP = "route"
-# ``auto``'s preference on CUDA tensors, measured on an H200 (benchmarks/RESULTS.md): the compiled kernel
-# was the fastest forward at every T (5-9x the torch backend; triton 1.2-5.4x), forward+backward likewise.
-_FAST = ("cuda", "triton")
-
 
 
 @torch.library.custom_op("medcare_kernels::route", mutates_args=())
@@ -58,6 +53,22 @@ def _backward(ctx, grad_weights, _grad_indices):
 _route_op.register_autograd(_backward, setup_context=_setup)
 
 
+class _RouteFunction(torch.autograd.Function):
+    """The eager path (:mod:`medcare_kernels.ops._run`): the custom op's forward and backward, called directly."""
+
+    @staticmethod
+    def forward(ctx, impl, logits, top_k):
+        weights, indices = impl.forward(logits, top_k)
+        ctx.save_for_backward(logits, weights, indices)
+        ctx.impl = impl
+        ctx.mark_non_differentiable(indices)
+        return weights, indices
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_indices):
+        logits, weights, indices = ctx.saved_tensors
+        return None, ctx.impl.backward(grad_weights.contiguous(), logits, weights, indices).to(logits.dtype), None
+
 
 def route(logits: Tensor, top_k: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Top-k routing over experts.
@@ -79,12 +90,10 @@ def route(logits: Tensor, top_k: int, *, backend: str = "auto") -> tuple[Tensor,
     if E < 1:
         raise ValueError(f"logits must have at least one expert in its last dimension, got shape {list(logits.shape)}")
     top_k = _checks.integer("top_k", top_k, low=1, high=E, high_name="E")
-    be = resolve_backend(backend, logits.device, _OP,
-                         choose=lambda available: pick_fast(available, logits.dtype, _FAST))
+    grad = _run.needs_grad(logits)
+    be = resolve_backend(_OP, backend, logits.device, accumulate_dtype(logits.dtype), logits.numel() // E, grad)
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, E).contiguous()
-    if be == "reference":
-        weights, indices = get_impl(_OP, be).apply(flat, top_k)
-    else:
-        weights, indices = _route_op(flat, top_k, be)
+    weights, indices = _run.call(_OP, be, (flat, top_k), eager=_RouteFunction.apply, custom_op=_route_op, outputs=2,
+                                 grad=grad)
     return weights.reshape(*lead, top_k), indices.reshape(*lead, top_k)

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from medcare import LoRALinear, MedCareConfig, MoLoRALinear, OrthLoRALinear
-from tests.conftest import TOL, assert_close
+from tests.helpers import TOL, assert_close
 
 f64 = torch.float64
 
 
-# ---- float64 formulas, one token at a time (DESIGN.md section 2) ----------------------------------------
+# ---- float64 formulas, one token at a time (docs/design.md, "The mathematics") ----------------------------------------
 
 def molora_f64(x, W, b, Wr, br, A, B, As, Bs, k, s, lx=None):
     """y_t = W x_t + b + sum_j w_tj s B_e A_e lx_t + s B_s A_s lx_t, routing on x_t in float64."""

@@ -6,7 +6,7 @@ What runs compiled, per op (the rest delegates to the torch backend's functions,
 =====================  ============================================================================
 ``route``              forward and backward kernels (one warp per token row)
 ``orthogonal_penalty`` forward and backward over all layers in one launch per pass, deterministic
-``molora_linear``      forward with at most :data:`DECODE_MAX_TOKENS` tokens: the BGMV-style decode
+``molora_linear``      forward with at most ``DECODE_MAX_TOKENS`` tokens (:data:`medcare_kernels.dispatch.THRESHOLDS`): the BGMV-style decode
                        kernels (router + shared shrink, route + chosen experts' shrink, expand into
                        the cuBLAS base output). Larger token counts, and every backward (training),
                        use the torch backend on the same saved state (``z``, logits, routing).
@@ -18,9 +18,6 @@ float32/float16/bfloat16 only.
 """
 
 import torch
-
-#: Token counts up to this use the decode kernels in ``molora_linear``'s forward.
-DECODE_MAX_TOKENS = 64
 
 #: Element types the kernels are compiled for.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

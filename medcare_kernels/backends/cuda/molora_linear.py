@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from medcare_kernels.backends.cuda import DECODE_MAX_TOKENS, KERNEL_DTYPES
+from medcare_kernels.backends.cuda import KERNEL_DTYPES
+from medcare_kernels.dispatch import THRESHOLDS
 from medcare_kernels.backends.pytorch import molora_linear as _torch
 
 _ops = torch.ops.medcare_kernels
@@ -27,7 +28,7 @@ def decode_applies(x, lora_A, shared_A, router_weight, top_k: int) -> bool:
     r = lora_A.shape[1]
     r_s = 0 if shared_A is None else shared_A.shape[0]
     dtypes = {x.dtype, lora_A.dtype, router_weight.dtype}
-    return (x.shape[0] <= DECODE_MAX_TOKENS and dtypes <= set(KERNEL_DTYPES)
+    return (x.shape[0] <= THRESHOLDS["DECODE_MAX_TOKENS"].value and dtypes <= set(KERNEL_DTYPES)
             and top_k * r + r_s + 2 * top_k <= _SHARED_FLOATS)
 
 

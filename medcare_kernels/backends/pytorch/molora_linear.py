@@ -1,7 +1,7 @@
 """MoLoRA linear in PyTorch: routing and gating in rank space, never an ``[E, T, d_out]`` tensor.
 
-Two formulations of the same mathematics (DESIGN.md section 3), chosen per shape by
-:func:`choose_formulation` (override: ``MEDCARE_MOLORA_FORMULATION=dense|grouped``):
+Two formulations of the same mathematics (docs/design.md, "Formulations"), chosen per shape by
+:func:`medcare_kernels.dispatch.torch_formulation` (override: ``MEDCARE_MOLORA_FORMULATION=dense|grouped``):
 
 * ``dense``: one thin GEMM ``x @ [A_all; A_s; W_r].T``, routing, the unchosen experts' rank columns
   zeroed, and one expand ``[H | H_s] @ [B_all | B_s].T`` added into the base output. Every expert's
@@ -18,41 +18,13 @@ slot order (token t, choice j), then the shared experts' shrink, plus the router
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 
 import torch
 
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
+from medcare_kernels.dispatch import accumulate_dtype, torch_formulation
 from medcare_kernels.backends.pytorch.route import backward as route_backward
 from medcare_kernels.backends.pytorch.route import forward as route_forward
-
-FORMULATION_ENV = "MEDCARE_MOLORA_FORMULATION"
-FORMULATIONS = ("dense", "grouped")
-
-
-def choose_formulation(tokens: int, experts: int, rank: int, top_k: int, device: torch.device) -> str:
-    """``dense`` or ``grouped`` for a shape; ``MEDCARE_MOLORA_FORMULATION`` overrides.
-
-    Measured on the CPU (benchmarks/RESULTS.md, "Formulations"): with ``k < E`` the grouped form wins
-    once the chosen experts get enough tokens to amortise the per-segment overhead (``T*k >= 16E``), and
-    in decoding, where fewer token slots than experts (``T*k < E``) leave whole experts' A and B unread
-    (Qwen2-0.5B/1.5B at T=1: 4.17x/1.44x the floor against 5.39x/1.91x dense). With ``k = E`` nothing
-    is skipped. On CUDA the dense form avoids the grouped form's host synchronisation; the grouped form
-    is kept for wide ``E*r``, where the dense form's wasted columns dominate.
-    """
-    forced = os.environ.get(FORMULATION_ENV, "").strip()
-    if forced and forced != "auto":
-        if forced not in FORMULATIONS:
-            raise ValueError(f"{FORMULATION_ENV} must be one of {FORMULATIONS} or 'auto', got {forced!r}")
-        return forced
-    if top_k >= experts:
-        return "dense"
-    if device.type == "cuda":
-        return "grouped" if experts * rank >= 1024 and tokens * top_k >= 64 * experts else "dense"
-    slots = tokens * top_k
-    return "grouped" if (slots >= 16 * experts or 0 < slots < experts) else "dense"
-
 
 _local = threading.local()
 
@@ -127,7 +99,7 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
     acc = accumulate_dtype(x.dtype, lora_A.dtype, router_weight.dtype)
     xa = x.to(acc)
     lx = xa if lora_x is None else lora_x.to(acc)
-    form = choose_formulation(T, E, r, top_k, x.device)
+    form = torch_formulation(T, E, r, top_k, x.device)
 
     # The thin GEMM over x: the shared shrink and the router, plus every expert's shrink when dense.
     lora_rows = ([lora_A.to(acc).reshape(E * r, d_in)] if form == "dense" else []) + (
@@ -196,7 +168,7 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
     z_slots = z[:, : top_k * r].view(T, top_k, r)
     z_shared = z[:, top_k * r:]
     need_lora_in = need_lx or (lora_x is None and need_x)
-    form = choose_formulation(T, E, r, top_k, dev)
+    form = torch_formulation(T, E, r, top_k, dev)
     slot_index = indices[:, :, None].expand(T, top_k, r)
 
     # Rank space. d_weights: d loss / d gate weights. lora_blocks: (d loss / d shrink output [T, n],

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import torch
 
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
+from medcare_kernels.dispatch import accumulate_dtype
 
 
 def _groups(base_A, orth_A):

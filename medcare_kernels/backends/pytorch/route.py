@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def accumulate_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 when any input is float64 (gradcheck), float32 otherwise (fp16/bf16/fp32)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
+from medcare_kernels.dispatch import accumulate_dtype
 
 
 def topk_lower_index(p: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
+from medcare_kernels.dispatch import accumulate_dtype
 
 
 def apply(x, weight, bias, lora_A, lora_B, lora_x, scaling: float):

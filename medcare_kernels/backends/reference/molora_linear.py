@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from medcare_kernels.backends.pytorch.route import accumulate_dtype
+from medcare_kernels.dispatch import accumulate_dtype
 from medcare_kernels.backends.reference.route import apply as route
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from medcare_kernels.backends.pytorch.route import accumulate_dtype, topk_lower_index
+from medcare_kernels.backends.pytorch.route import topk_lower_index
+from medcare_kernels.dispatch import accumulate_dtype
 
 
 def apply(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ top-k (ties to the lower expert index), the renormalisation, and writes weights 
 backward goes through the renormalisation and the softmax in the same tile.
 
 The tile functions (:func:`softmax_rows`, :func:`topk_rank`, :func:`route_grad`) are also the routing
-epilogue of the MoLoRA shrink kernels (:mod:`medcare_kernels.triton.shrink`).
+epilogue of the MoLoRA shrink kernels (:mod:`medcare_kernels.backends.triton.shrink`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medcare_kernels.triton._common import cdiv, check_dtypes, pow2
+from medcare_kernels.backends.triton._common import cdiv, check_dtypes, pow2
 
 
 @triton.jit

@@ -2,19 +2,19 @@
 
 Dense-masked path (the default; MedCare's E*r = 8x16 = 128):
 
-* forward: :func:`~medcare_kernels.triton.shrink.shrink_forward` (one thin GEMM ``x @ [A_all; A_s; W_r].T``
+* forward: :func:`~medcare_kernels.backends.triton.shrink.shrink_forward` (one thin GEMM ``x @ [A_all; A_s; W_r].T``
   with softmax / top-k / renormalise / gate / mask fused into its epilogue) then
-  :func:`~medcare_kernels.triton.gemm.ext_gemm` (``y = x @ W.T + b + H @ [B_all | B_s].T``: the frozen
+  :func:`~medcare_kernels.backends.triton.gemm.ext_gemm` (``y = x @ W.T + b + H @ [B_all | B_s].T``: the frozen
   GEMM with K extended by the rank space, ``y`` written once; experts no token of a row tile chose are
   skipped). ``MEDCARE_TRITON_BASE=cublas`` computes the base with cuBLAS instead and lets the kernel add
   the LoRA term into ``y`` in one read-modify-write pass.
-* backward: :func:`~medcare_kernels.triton.shrink.shrink_backward` (``dy @ [B_all | B_s]`` with the
+* backward: :func:`~medcare_kernels.backends.triton.shrink.shrink_backward` (``dy @ [B_all | B_s]`` with the
   routing backward fused), one K-extended GEMM for ``dx = dy @ W + dZ @ [A_all; A_s] + d_logits @ W_r``
   (with the cuBLAS base: ``dy @ W`` by cuBLAS, the rest added in place),
   and token reductions for ``dA``, ``dB``, ``dA_s``, ``dB_s``, ``dW_r``. Nothing of size ``E*T*d_out``
   exists; idle experts' gradients are exact zeros (their ``dZ``/``H`` columns are zeroed, not skipped).
 
-Grouped path (:mod:`medcare_kernels.triton.grouped`, for wide ``E*r``): token slots sorted by expert on
+Grouped path (:mod:`medcare_kernels.backends.triton.grouped`, for wide ``E*r``): token slots sorted by expert on
 the device, segment-wise shrink and expand over the chosen experts only; no host synchronisation.
 
 No ``.item()``/``.cpu()`` and no data-dependent shapes anywhere: the op runs under CUDA graphs and
@@ -23,54 +23,19 @@ No ``.item()``/``.cpu()`` and no data-dependent shapes anywhere: the op runs und
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from medcare_kernels.triton import grouped
-from medcare_kernels.triton._common import check_dtypes, compute_dtype
-from medcare_kernels.triton.gemm import ext_gemm, token_reduce
-from medcare_kernels.triton.shrink import Layout, shrink_backward, shrink_forward
-
-BASE_ENV = "MEDCARE_TRITON_BASE"
-PATH_ENV = "MEDCARE_TRITON_MOLORA_PATH"
-
-
-#: From this many tokens on, ``auto`` computes the frozen base with cuBLAS and adds the LoRA term in place.
-#: Measured on an H200 (bf16, Qwen2-7B FFN, E=8, r=16, k=2, r_s=32; benchmarks/RESULTS.md): the cuBLAS
-#: base was faster at T=4096 and 16384 (forward 0.96 vs 1.13-1.20 ms at 4096, 3.72 vs 4.58-4.70 ms at
-#: 16384), the K-extended Triton GEMM at T=16 (forward 0.57 vs 0.63 ms up, 0.83 vs 0.89 ms down).
-CUBLAS_BASE_MIN_TOKENS = 1024
-
-
-def base_mode(tokens: int) -> str:
-    """How the forward computes the frozen base GEMM for ``tokens`` rows: ``triton`` (inside the
-    K-extended kernel, ``y`` written once) or ``cublas`` (cuBLAS, then the kernel adds the LoRA term
-    into ``y``). ``MEDCARE_TRITON_BASE`` = ``triton``/``cublas`` forces one; unset or ``auto`` picks
-    ``cublas`` from :data:`CUBLAS_BASE_MIN_TOKENS` tokens on."""
-    mode = os.environ.get(BASE_ENV, "").strip() or "auto"
-    if mode not in ("auto", "triton", "cublas"):
-        raise ValueError(f"{BASE_ENV} must be 'auto', 'triton' or 'cublas', got {mode!r}")
-    if mode == "auto":
-        mode = "cublas" if tokens >= CUBLAS_BASE_MIN_TOKENS else "triton"
-    return mode
-
+from medcare_kernels import dispatch
+from medcare_kernels.backends.triton import grouped
+from medcare_kernels.backends.triton._common import check_dtypes, compute_dtype
+from medcare_kernels.backends.triton.gemm import ext_gemm, token_reduce
+from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
 def choose_path(tokens: int, experts: int, rank: int, top_k: int) -> str:
-    """``dense`` or ``grouped`` (override: ``MEDCARE_TRITON_MOLORA_PATH``).
-
-    The dense-masked path computes all ``E*r`` rank columns (one thin GEMM, one K extension of
-    ``E_R*R_PAD + r_s``); the grouped path computes only the chosen ``k*r`` per token but gathers rows
-    and launches ``k`` segment passes. Dense wins while the padded expert width stays a small fraction of
-    the frozen GEMM's K (MedCare's 8x16); grouped once ``E*r`` is wide (>= 512 columns) with ``k < E``.
-    """
-    forced = os.environ.get(PATH_ENV, "").strip()
-    if forced and forced != "auto":
-        if forced not in ("dense", "grouped"):
-            raise ValueError(f"{PATH_ENV} must be 'dense', 'grouped' or 'auto', got {forced!r}")
-        return forced
-    width = Layout(experts, rank, 0, top_k, True).WR
-    return "grouped" if (width >= 512 and top_k < experts) else "dense"
+    """``dense`` or ``grouped``. The dense-masked path computes all ``E*r`` rank columns (one thin GEMM, one K
+    extension of ``E_R*R_PAD + r_s``); the grouped path computes only the chosen ``k*r`` per token but gathers
+    rows and launches ``k`` segment passes (:func:`dispatch.triton_path` has the rule)."""
+    return dispatch.triton_path(Layout(experts, rank, 0, top_k, True).WR, experts, top_k)
 
 
 def _c(t):
@@ -100,13 +65,13 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
     r_s = 0 if shared_A is None else shared_A.shape[0]
     if choose_path(T, E, r, top_k) == "grouped":
         return grouped.forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B,
-                               lora_x, top_k, scaling, base_mode(T))
+                               lora_x, top_k, scaling, dispatch.triton_base(T))
     L = Layout(E, r, r_s, top_k, True)
     hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     logits, weights, indices, z, h = shrink_forward(x, lora_x, lora_A, shared_A, router_weight, router_bias, L,
                                                     scaling, hd)
     lora = dict(hz=h, routed=_routed_B(lora_B), shared=shared_B.T if r_s else None, indices=indices, layout=L)
-    if base_mode(T) == "cublas":
+    if dispatch.triton_base(T) == "cublas":
         y = torch.nn.functional.linear(x, weight, bias)
         ext_gemm(y, accumulate=True, **lora)
     else:
@@ -139,7 +104,7 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
         lora = dict(hz=dz, routed=_routed_A(lora_A), shared=shared_A if r_s else None, indices=indices, layout=L)
         if need_x:  # dx = dy @ W (+ dZ @ [A_all; A_s] when x is also the LoRA input) + d_logits @ W_r
             ext = lora if lora_x is None else dict(layout=L)
-            if base_mode(T) == "cublas":
+            if dispatch.triton_base(T) == "cublas":
                 d_x = torch.mm(grad_y, weight).to(x.dtype)
                 ext_gemm(d_x, router=(dl, router_weight), accumulate=True, **ext)
             else:

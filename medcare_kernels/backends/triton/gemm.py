@@ -5,7 +5,7 @@ once::
 
     C = [C +] A0 @ B0 (+ bias) + H[:, routed] @ B_all + H[:, shared] @ B_s + HL @ B_l
 
-Forward: ``y = x @ W.T + b + H @ [B_all | B_s].T`` (``H`` from :mod:`medcare_kernels.triton.shrink`).
+Forward: ``y = x @ W.T + b + H @ [B_all | B_s].T`` (``H`` from :mod:`medcare_kernels.backends.triton.shrink`).
 Backward: ``dx = dy @ W + dZ @ [A_all; A_s] + d_logits @ W_r``. The routed segment walks the experts'
 rank columns chunk by chunk; with ``indices`` given, a chunk whose experts no token of the row tile
 chose is masked off (no memory traffic for its ``B`` rows: decode reads only the chosen experts).
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medcare_kernels.triton._common import INTERPRET, autotune, bucket, cdiv, cfg, mma, num_sms, pow2, split_k
+from medcare_kernels.backends.triton._common import INTERPRET, autotune, bucket, cdiv, cfg, mma, num_sms, pow2, split_k
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for prefill on Hopper/Ampere, thin-M tiles with
 # long K steps for decode (few tokens: the weight read dominates, many N tiles keep the SMs busy).
@@ -127,7 +127,7 @@ def ext_gemm(out: torch.Tensor, *, a0=None, b0=None, bias=None, hz=None, routed=
     """Fill ``out`` [M, N] (any float dtype) with ``[out +] a0 @ b0 + bias + LoRA segments``.
 
     a0 [M, K0] and b0 [K0, N] (any strides) or None; ``hz`` [M, W] the rank-space activations (layout of
-    :class:`medcare_kernels.triton.shrink.Layout`); ``routed`` = (tensor, s_e, s_c, s_n): the experts'
+    :class:`medcare_kernels.backends.triton.shrink.Layout`); ``routed`` = (tensor, s_e, s_c, s_n): the experts'
     [E, r] x N operand addressed as ``e * s_e + c * s_c + n * s_n``; ``shared`` = [r_s, N] operand;
     ``router`` = (hl [M, E] float32, [E, N] operand). ``indices`` [M, k]: skip experts no row chose.
     """

@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from medcare_kernels.triton import route as troute
-from medcare_kernels.triton._common import INTERPRET, autotune, cdiv, cfg, compute_dtype, mma, pow2
-from medcare_kernels.triton.gemm import ext_gemm, token_reduce
-from medcare_kernels.triton.shrink import Layout, shrink_backward, shrink_forward
+from medcare_kernels.backends.triton import route as troute
+from medcare_kernels.backends.triton._common import INTERPRET, autotune, cdiv, cfg, compute_dtype, mma, pow2
+from medcare_kernels.backends.triton.gemm import ext_gemm, token_reduce
+from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
 _SHRINK_CONFIGS = [cfg(w, s, BLOCK_K=bk) for bk in (64, 128) for w, s in ((4, 3), (4, 4), (8, 3))]
 _EXPAND_CONFIGS = [cfg(w, s, BLOCK_N=bn) for bn in (64, 128, 256) for w, s in ((4, 3), (8, 3))]
@@ -306,7 +306,7 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
 
 
 def compile_cases(dt: str, f32: dict):
-    """Kernels and constexprs for :mod:`medcare_kernels.triton._compile_check` (MedCare-like E=64, r=16)."""
+    """Kernels and constexprs for :mod:`medcare_kernels.backends.triton._compile_check` (MedCare-like E=64, r=16)."""
     ptr = dict(f32, order_ptr="*i32", seg_ptr="*i32", tiles_ptr="*i32", wt_ptr="*fp32", dw_ptr="*fp32",
                in_ptr="*fp32", c_ptr="*fp32")
     for epi in (0, 1):

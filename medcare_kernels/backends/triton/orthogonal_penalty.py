@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medcare_kernels.triton._common import INTERPRET, check_dtypes, compute_dtype, mma, pow2
+from medcare_kernels.backends.triton._common import INTERPRET, check_dtypes, compute_dtype, mma, pow2
 
 _META = 5
 

@@ -6,7 +6,7 @@ accumulators ``lx @ A_all.T`` (every expert's rank columns), ``lx @ A_s.T`` (sha
 float32 softmax / top-k / renormalisation, and writes the router logits, the weights and indices, ``z``
 (the chosen experts' shrink outputs in slot order, then the shared shrink: the backend contract) and
 ``H`` [T, W]: the rank-space activations scaled by ``scaling * weight`` with the unchosen experts'
-columns zeroed, ready for the expand (:mod:`medcare_kernels.triton.gemm`).
+columns zeroed, ready for the expand (:mod:`medcare_kernels.backends.triton.gemm`).
 
 Backward (:func:`shrink_backward`): one pass over ``dy`` [T, d_out] computes ``dy @ [B_all | B_s]``; the
 epilogue gathers each slot's ``dh``, forms the gate-weight gradients ``s * <dh_j, z_j>``, goes back
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from medcare_kernels.triton._common import autotune, bucket, cdiv, cfg, mma, pow2, split_k
-from medcare_kernels.triton.route import route_grad, softmax_rows, topk_rank
+from medcare_kernels.backends.triton._common import autotune, bucket, cdiv, cfg, mma, pow2, split_k
+from medcare_kernels.backends.triton.route import route_grad, softmax_rows, topk_rank
 
 # Hopper and Ampere: BLOCK_T comes from the host (16/32/64 by token count), the rank side is the
 # whole padded width (<= a few hundred columns); only the reduction tile and the pipeline vary.
@@ -87,7 +87,7 @@ class Layout:
 
 
 def _block_t(T: int) -> int:
-    from medcare_kernels.triton._common import INTERPRET
+    from medcare_kernels.backends.triton._common import INTERPRET
     if INTERPRET:
         return 16
     # Larger token blocks re-read the (small) rank-space weights from L2 fewer times at prefill sizes.

@@ -1,7 +1,7 @@
 """Plain LoRA linear in Triton: the MoLoRA kernels with only the "shared" (always-on) rank segment.
 
 forward: ``z = lx @ A.T`` and ``H = s * z`` from the thin shrink GEMM
-(:func:`~medcare_kernels.triton.shrink.shrink_forward`), then ``y = x @ W.T + b + H @ B.T`` from the
+(:func:`~medcare_kernels.backends.triton.shrink.shrink_forward`), then ``y = x @ W.T + b + H @ B.T`` from the
 K-extended GEMM (``y`` written once; ``MEDCARE_TRITON_BASE=cublas``: cuBLAS base + in-place LoRA add).
 backward: ``dZ = s * dy @ B`` (thin GEMM), ``dx = dy @ W + dZ @ A`` (K-extended), ``dA = dZ.T @ lx`` and
 ``dB = dy.T @ H`` (token reductions).
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from medcare_kernels.triton._common import check_dtypes, compute_dtype
-from medcare_kernels.triton.gemm import ext_gemm, token_reduce
-from medcare_kernels.triton.molora_linear import base_mode
-from medcare_kernels.triton.shrink import Layout, shrink_backward, shrink_forward
+from medcare_kernels import dispatch
+from medcare_kernels.backends.triton._common import check_dtypes, compute_dtype
+from medcare_kernels.backends.triton.gemm import ext_gemm, token_reduce
+from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
 
 def _layout(r: int) -> Layout:
@@ -29,7 +29,7 @@ def forward(x, weight, bias, lora_A, lora_B, lora_x, scaling: float):
     L = _layout(lora_A.shape[0])
     hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     _, _, _, z, h = shrink_forward(x, lora_x, None, lora_A, None, None, L, scaling, hd)
-    if base_mode(x.shape[0]) == "cublas":
+    if dispatch.triton_base(x.shape[0]) == "cublas":
         y = torch.nn.functional.linear(x, weight, bias)
         ext_gemm(y, hz=h, shared=lora_B.T, layout=L, accumulate=True)
     else:
@@ -52,7 +52,7 @@ def backward(grad_y, x, lora_x, weight, lora_A, lora_B, z, scaling: float, needs
         dz, h, _ = shrink_backward(grad_y, None, lora_B, None, None, z, None, L, scaling, hd)
         if need_x:  # dx = dy @ W (+ dZ @ A when x is also the LoRA input)
             ext = dict(hz=dz, shared=lora_A) if lora_x is None else {}
-            if base_mode(x.shape[0]) == "cublas":
+            if dispatch.triton_base(x.shape[0]) == "cublas":
                 d_x = torch.mm(grad_y, weight).to(x.dtype)
                 if ext:
                     ext_gemm(d_x, layout=L, accumulate=True, **ext)

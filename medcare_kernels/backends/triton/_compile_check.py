@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the backend for real GPU targets, without a GPU.
 
-``python -m medcare_kernels.triton._compile_check [--arch 90 80] [--dtype bf16 fp32]`` lowers each kernel
+``python -m medcare_kernels.backends.triton._compile_check [--arch 90 80] [--dtype bf16 fp32]`` lowers each kernel
 (with representative MedCare constexprs and each of its autotune configs' tile shapes, or the first
 few with ``--quick``) through TTIR/TTGIR/LLVM/PTX to a cubin with triton's bundled ``ptxas``. It
 catches what the CPU interpreter cannot: constructs that do not lower, bad layouts, shared-memory
@@ -18,7 +18,7 @@ import time
 
 
 def _cases(dt: str):
-    from medcare_kernels.triton import gemm, orthogonal_penalty, route, shrink
+    from medcare_kernels.backends.triton import gemm, orthogonal_penalty, route, shrink
 
     L = shrink.Layout(8, 16, 32, 2, True)
     lay = dict(E_R=L.E_R, R_PAD=L.R_PAD, RS_PAD=L.RS_PAD, WR=L.WR)
@@ -53,7 +53,7 @@ def _cases(dt: str):
     yield ("penalty_bwd", orthogonal_penalty._pen_bwd_kernel,
            dict(NEED_BASE=True, NEED_ORTH=True, BR1=32, BR2=32, BK=64), f32, [(4, 2)])
     try:
-        from medcare_kernels.triton import grouped
+        from medcare_kernels.backends.triton import grouped
     except ImportError:
         return
     if hasattr(grouped, "compile_cases"):

@@ -15,13 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from medcare_kernels import dispatch
+
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERP = tl.constexpr(INTERPRET)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-#: ``triton.autotune`` grew ``restore_value`` in 3.0; every version we support (3.6, 3.8) has it.
-_AUTOTUNE_KW = {}
 
 
 def check_dtypes(op: str, **tensors: torch.Tensor | None) -> None:
@@ -76,7 +75,7 @@ def split_k(tiles: int, k: int, device: torch.device, min_chunk: int = 512, cap:
 #: ``MEDCARE_TRITON_AUTOTUNE=0``: compile only each kernel's first config (no tuning). The GPU test run
 #: sets it: correctness does not depend on the tile shape, and tuning every test shape would cost
 #: minutes of compilation. Benchmarks and users keep the default (tune).
-AUTOTUNE: bool = os.environ.get("MEDCARE_TRITON_AUTOTUNE", "1") != "0"
+AUTOTUNE: bool = dispatch.knob("MEDCARE_TRITON_AUTOTUNE") != "0"
 
 
 def autotune(configs: list[triton.Config], interp: triton.Config, key: list[str], **kw):
