@@ -1,6 +1,7 @@
 // route: float32 softmax over the experts, top-k (ties to the lower index), renormalised weights;
 // and its backward. One warp per token row, four rows per block; float32 math for every input dtype.
 #include "common.cuh"
+#include "routing.cuh"
 
 #include <ATen/ops/empty.h>
 
