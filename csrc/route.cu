@@ -134,16 +134,4 @@ at::Tensor route_bwd_cuda(const at::Tensor& grad_weights, const at::Tensor& logi
   return grad_logits;
 }
 
-#define MEDCARE_STR2(...) #__VA_ARGS__
-#define MEDCARE_STR(...) MEDCARE_STR2(__VA_ARGS__)
-
-// The virtual architectures this translation unit was compiled for, e.g. "800,900" (nvcc >= 11.5).
-const char* device_arch_list() {
-#ifdef __CUDA_ARCH_LIST__
-  return MEDCARE_STR(__CUDA_ARCH_LIST__);
-#else
-  return "";
-#endif
-}
-
 }  // namespace medcare
