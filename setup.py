@@ -28,7 +28,8 @@ from setuptools import setup
 
 ENV = "MEDCARE_BUILD_CUDA"
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
-SOURCES = ["csrc/registration.cpp", "csrc/route.cu", "csrc/orthogonal_penalty.cu", "csrc/molora_decode.cu"]
+SOURCES = ["csrc/registration.cpp", "csrc/route.cu", "csrc/orthogonal_penalty.cu", "csrc/molora_decode.cu",
+           "csrc/build_info.cu"]
 HINT = "install a CUDA build of torch first and build with `pip install --no-build-isolation ...`"
 
 

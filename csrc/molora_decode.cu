@@ -16,6 +16,7 @@
 // the shared shrink). Forward only: the backward of a decode call runs the torch backend's formula
 // on these saved tensors.
 #include "common.cuh"
+#include "routing.cuh"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>

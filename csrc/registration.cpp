@@ -14,6 +14,8 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include "build_info.cuh"
+
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -31,7 +33,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> molora_de
     const at::Tensor& router_weight, const std::optional<at::Tensor>& router_bias, const at::Tensor& lora_A,
     const at::Tensor& lora_B, const std::optional<at::Tensor>& shared_A, const std::optional<at::Tensor>& shared_B,
     const std::optional<at::Tensor>& lora_x, int64_t top_k, double scaling);
-const char* device_arch_list();  // route.cu: the virtual architectures nvcc compiled (__CUDA_ARCH_LIST__)
 
 }  // namespace medcare
 
@@ -59,20 +60,6 @@ TORCH_LIBRARY_IMPL(medcare_kernels, CUDA, m) { MEDCARE_REGISTER_IMPLS(m); }
 
 // Argument checks, then "must be a CUDA tensor": never launches anything.
 TORCH_LIBRARY_IMPL(medcare_kernels, CPU, m) { MEDCARE_REGISTER_IMPLS(m); }
-
-#define MEDCARE_STR2(...) #__VA_ARGS__
-#define MEDCARE_STR(...) MEDCARE_STR2(__VA_ARGS__)
-// Set by setup.py from the -gencode flags it passes to nvcc (e.g. 80,90 and 90 for
-// TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX") and from torch.__version__; plain tokens, no quoting needed.
-#ifndef MEDCARE_SASS_ARCHS
-#define MEDCARE_SASS_ARCHS
-#endif
-#ifndef MEDCARE_PTX_ARCHS
-#define MEDCARE_PTX_ARCHS
-#endif
-#ifndef MEDCARE_TORCH_VERSION
-#define MEDCARE_TORCH_VERSION unknown
-#endif
 
 static PyModuleDef medcare_module = {
     PyModuleDef_HEAD_INIT,

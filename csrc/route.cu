@@ -1,6 +1,7 @@
 // route: float32 softmax over the experts, top-k (ties to the lower index), renormalised weights;
 // and its backward. One warp per token row, four rows per block; float32 math for every input dtype.
 #include "common.cuh"
+#include "routing.cuh"
 
 #include <ATen/ops/empty.h>
 
@@ -131,18 +132,6 @@ at::Tensor route_bwd_cuda(const at::Tensor& grad_weights, const at::Tensor& logi
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_logits;
-}
-
-#define MEDCARE_STR2(...) #__VA_ARGS__
-#define MEDCARE_STR(...) MEDCARE_STR2(__VA_ARGS__)
-
-// The virtual architectures this translation unit was compiled for, e.g. "800,900" (nvcc >= 11.5).
-const char* device_arch_list() {
-#ifdef __CUDA_ARCH_LIST__
-  return MEDCARE_STR(__CUDA_ARCH_LIST__);
-#else
-  return "";
-#endif
 }
 
 }  // namespace medcare
