@@ -24,6 +24,9 @@ ON_GPU = torch.cuda.is_available()
 
 #: Normalised max error ``max|a - b| / max|b|`` allowed per dtype of the computation under test.
 TOL = {F64: 1e-10, F32: 2e-5, BF16: 2e-2, F16: 4e-3}
+#: A multiplier of TOL: the fuzz test raises it (random cases include sums that cancel, e.g. a router bias
+#: gradient over tokens whose logit gradients nearly cancel, where the normalised error is inflated).
+TOL_SCALE = 1.0
 
 
 def dtype_id(dtype: torch.dtype) -> str:
@@ -143,10 +146,12 @@ def assert_close(actual, expected, dtype, name=""):
         return
     scale = e.abs().max()
     if scale < 1e-9:  # mathematically zero (e.g. the router's gradient at top_k = 1): roundoff only
-        assert a.abs().max() <= 10 * TOL[dtype], f"{name}: expected zeros, got up to {a.abs().max().item():.3g}"
+        assert a.abs().max() <= 10 * TOL[dtype] * TOL_SCALE, \
+            f"{name}: expected zeros, got up to {a.abs().max().item():.3g}"
         return
     err = ((a - e).abs().max() / scale).item()
-    assert err <= TOL[dtype], f"{name}: normalised max error {err:.3g} > {TOL[dtype]:.1g} ({dtype})"
+    tol = TOL[dtype] * TOL_SCALE
+    assert err <= tol, f"{name}: normalised max error {err:.3g} > {tol:.1g} ({dtype})"
 
 
 def assert_routing_near_ties(indices, logits64, top_k, tol):
@@ -185,7 +190,7 @@ def _check_grads(names, got, want, tensors, dtype, reshape=()):
             continue
         assert g is not None, f"d{name}: gradient missing"
         assert g.dtype == t.dtype and g.device == t.device, f"{name} grad dtype/device"
-        assert_close(g.reshape(w.shape) if name in reshape else g, w, dtype, f"d{name}")
+        assert_close(g.reshape(w.shape) if name in reshape else g, w, dtype or t.dtype, f"d{name}")
 
 
 # ---- route ------------------------------------------------------------------------------------------------
@@ -257,7 +262,7 @@ def molora_make(T, d_in, d_out, E, r, r_s, dtype, *, lora_dtype=None, bias=True,
 
     if noncontig:  # a transposed view: last dim is not contiguous in memory
         x = (torch.randn(d_in, *shape[:-1]).to(dtype).movedim(0, -1)).requires_grad_(True)
-        assert not x.is_contiguous()
+        assert not x.is_contiguous() or min(shape) <= 1  # size-0/1 dimensions: contiguous whatever the strides
     else:
         x = rand(*shape)
     return dict(
@@ -303,7 +308,9 @@ def molora_indices(inp, top_k, scaling, backend, logits):
 def molora_check(inp, top_k, scaling, backend, dtype, *, device="cpu", logits_grad=False):
     """Forward and every gradient of the library on ``device`` vs the float64 oracle on the CPU (on the
     library's routing, which must agree with the oracle's except at genuine near-ties). ``inp`` holds
-    CPU tensors (:func:`molora_make`); the library gets leaf copies of them on ``device``."""
+    CPU tensors (:func:`molora_make`); the library gets leaf copies of them on ``device``. ``dtype``: the
+    tolerance of every comparison, or None for each result's own dtype (y: x's; a gradient: its
+    parameter's), which mixed-precision inputs must meet."""
     dev = {n: leaf_on(inp[n], device) for n in MOLORA_NAMES}
     y, logits = molora_call(dev, top_k, scaling, backend)
     d_out = inp["weight"].shape[0]
@@ -320,7 +327,7 @@ def molora_check(inp, top_k, scaling, backend, dtype, *, device="cpu", logits_gr
                                      ref["shared_B"], top_k, scaling, lora_x=x2(ref["lora_x"]), indices=idx)
     if T:
         assert_routing_near_ties(idx, logits64, top_k, 1e-4)
-    assert_close(y.reshape(T, d_out), y64, dtype, "y")
+    assert_close(y.reshape(T, d_out), y64, dtype or y.dtype, "y")
     assert_close(logits, logits64, F32, "router_logits")  # float32 math whatever the input dtype
 
     gy = torch.randn(y.shape).to(y.dtype).to(F64)  # what the library receives, exactly

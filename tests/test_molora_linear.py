@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import medcare_kernels as mk
-from tests import helpers
+from tests import helpers, oracle
 from tests.helpers import BF16, F16, F32, F64
 
 RUNS = helpers.runs("torch-dense", "torch-grouped", "reference", "triton-dense", "triton-grouped", "cuda")
@@ -255,3 +255,109 @@ def test_gpu_opcheck_decode_kernel():
     args = [None if t is None else t.detach().to("cuda") for t in
             [helpers.molora_make(5, 16, 12, 4, 2, 4, BF16)[n] for n in NAMES[:9]]]
     torch.library.opcheck(torch.ops.medcare_kernels.molora_decode_cuda.default, (*args, None, 2, 0.5))
+
+
+# ---- mixed precision, empty and odd layouts, non-finite values ---------------------------------------------
+
+FUSED_RUNS = helpers.runs("torch-dense", "torch-grouped", "triton-dense", "triton-grouped", "cuda")
+#: (x and the base weight, the LoRA parameters, the router): the model layer's default is bf16 x with fp32 LoRA.
+MIXED = [(BF16, F32, F32), (F32, BF16, BF16), (BF16, BF16, F32)]
+
+
+@pytest.mark.parametrize("run", helpers.by_run(FUSED_RUNS))
+@pytest.mark.parametrize("mixed", MIXED, ids=lambda m: "-".join(map(helpers.dtype_id, m)))
+def test_mixed_dtypes_keep_each_result_in_its_own_precision(mixed, run, monkeypatch):
+    """y to x's precision, each gradient to its parameter's: a float32 LoRA or router fed 16-bit activations
+    gets float32-accurate gradients, float32 activations with 16-bit LoRA a float32-accurate y."""
+    run.apply(monkeypatch)
+    x_dtype, lora_dtype, router_dtype = mixed
+    inp = helpers.molora_make(37, 40, 24, 6, 8, 16, x_dtype, lora_dtype=lora_dtype)
+    for n in ("router_weight", "router_bias"):
+        inp[n] = inp[n].detach().to(router_dtype).requires_grad_(True)
+    helpers.molora_check(inp, 2, 0.9, run.backend, None, device=run.device, logits_grad=True)
+
+
+@pytest.mark.parametrize("run", helpers.by_run(FUSED_RUNS + helpers.runs("reference")))
+@pytest.mark.parametrize("layout", ["empty", "empty-strided", "one-token-transposed", "one-feature-transposed"])
+def test_empty_and_size_one_layouts_run_forward_and_backward(layout, run, monkeypatch):
+    """An empty batch, or a size-1 dimension whose stride is not 1 (a transposed view), runs forward and
+    backward and gives the oracle's results (zero gradients for an empty batch)."""
+    run.apply(monkeypatch)
+    T, d_in = {"empty": (0, 8), "empty-strided": (0, 7), "one-token-transposed": (1, 6),
+               "one-feature-transposed": (5, 1)}[layout]
+    inp = helpers.molora_make(T, d_in, 12, 4, 2, 4, F32)
+    if layout == "empty-strided":
+        inp["x"] = torch.randn(0, 14)[:, ::2].requires_grad_(True)
+    elif layout.endswith("transposed"):
+        inp["x"] = torch.randn(d_in, T).T.requires_grad_(True)
+    helpers.molora_check(inp, 2, 1.0, run.backend, F32, device=run.device)
+    dev = {n: helpers.leaf_on(t, run.device) for n, t in inp.items()}
+    y, _ = helpers.molora_call(dev, 2, 1.0, run.backend)
+    y.sum().backward()  # an expanded (stride-0) incoming gradient
+    assert all(dev[n].grad is not None for n in ("x", "lora_A", "lora_B", "router_weight"))
+
+
+def _poison(t: torch.Tensor, where, value: float) -> torch.Tensor:
+    t = t.detach().clone()
+    t[where] = value
+    return t.requires_grad_(True)
+
+
+@pytest.mark.parametrize("run", helpers.by_run(FUSED_RUNS))  # the reference computes every expert: not held to it
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_token_poisons_its_row_and_no_idle_expert(value, run, monkeypatch):
+    """docs/design.md, "Non-finite values": one token's NaN/inf reaches its own row of y and logits only,
+    and the experts no token chose keep exact zero gradients."""
+    run.apply(monkeypatch)
+    inp = helpers.molora_make(37, 32, 24, 8, 4, 8, F32)
+    with torch.no_grad():
+        inp["router_bias"].zero_()
+        inp["router_bias"][5], inp["router_bias"][2] = 50.0, 49.5  # experts 5 and 2 take every token
+    inp["x"] = _poison(inp["x"], (3, 7), value)
+    dev = {n: helpers.leaf_on(t, run.device) for n, t in inp.items()}
+    y, logits = helpers.molora_call(dev, 2, 1.0, run.backend)
+    clean = torch.ones(37, dtype=torch.bool)
+    clean[3] = False
+    assert not torch.isfinite(y[3]).all() and not torch.isfinite(logits[3]).all()
+    y64, logits64, _ = oracle.molora(*[oracle.leaf64(inp[n]) for n in NAMES[:9]], 2, 1.0)
+    helpers.assert_close(y.detach().cpu()[clean], y64[clean], F32, "clean rows of y")
+    helpers.assert_close(logits.detach().cpu()[clean], logits64[clean], F32, "clean rows of logits")
+    gy = torch.randn_like(y)
+    gy[3] = 0.0  # a loss that masks the poisoned token out
+    dA, dB = torch.autograd.grad((y * gy).sum(), [dev["lora_A"], dev["lora_B"]])
+    chosen = set(helpers.molora_indices(dev, 2, 1.0, run.backend, logits.detach()).view(-1).tolist())
+    idle = [e for e in range(8) if e not in chosen]  # the poisoned row picks experts too (NaN weights)
+    assert len(idle) >= 4
+    assert torch.equal(dA[idle], torch.zeros_like(dA[idle])) and torch.equal(dB[idle], torch.zeros_like(dB[idle]))
+
+
+@pytest.mark.parametrize("run", helpers.by_run(FUSED_RUNS))  # the reference computes every expert: not held to it
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_never_chosen_expert_is_never_read(value, run, monkeypatch):
+    """Whatever a never-chosen expert's A and B hold, y, the logits and every gradient are the oracle's,
+    and its own gradients are exact zeros."""
+    run.apply(monkeypatch)
+    inp = helpers.molora_make(29, 24, 16, 6, 4, 8, F32)
+    with torch.no_grad():
+        inp["router_bias"].zero_()
+        inp["router_bias"][1], inp["router_bias"][4] = 50.0, 49.5
+    inp["lora_A"] = _poison(inp["lora_A"], (3, 1, 5), value)
+    inp["lora_B"] = _poison(inp["lora_B"], (3, 2, 0), value)
+    helpers.molora_check(inp, 2, 1.0, run.backend, F32, device=run.device)
+    dev = {n: helpers.leaf_on(t, run.device) for n, t in inp.items()}
+    y, _ = helpers.molora_call(dev, 2, 1.0, run.backend)
+    dA, dB = torch.autograd.grad(y.square().sum(), [dev["lora_A"], dev["lora_B"]])
+    assert torch.equal(dA[3], torch.zeros_like(dA[3])) and torch.equal(dB[3], torch.zeros_like(dB[3]))
+
+
+@pytest.mark.parametrize("run", helpers.by_run(FUSED_RUNS))
+def test_a_nan_router_poisons_every_row_instead_of_dropping_the_lora_term(run, monkeypatch):
+    """Every token reads the router: a NaN there makes every row non-finite (the LoRA term is never
+    silently dropped to leave the base output), and routing still picks valid experts (no out-of-range
+    index on the grouped path)."""
+    run.apply(monkeypatch)
+    inp = helpers.molora_make(23, 16, 12, 6, 2, 4, F32)
+    inp["router_weight"] = _poison(inp["router_weight"], (2, 3), float("nan"))
+    dev = {n: helpers.leaf_on(t, run.device) for n, t in inp.items()}
+    y, _ = helpers.molora_call(dev, 2, 1.0, run.backend)
+    assert not torch.isfinite(y).any()

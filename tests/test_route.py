@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import medcare_kernels as mk
-from tests import helpers
+from tests import helpers, oracle
 from tests.helpers import BF16, F16, F32, F64
 
 RUNS = helpers.runs("torch", "reference", "triton", "cuda")
@@ -100,3 +100,24 @@ def test_opcheck_compiled_kernels():
     w, i = ops.route_fwd_cuda(logits, 2)
     torch.library.opcheck(ops.route_fwd_cuda.default, (logits, 2))
     torch.library.opcheck(ops.route_bwd_cuda.default, (torch.randn(9, 2, device="cuda"), logits, w, i))
+
+
+@pytest.mark.parametrize("run", helpers.by_run(helpers.runs("torch", "triton", "cuda")))
+def test_non_finite_logits_poison_their_row_only(run, monkeypatch):
+    """A row with a NaN or infinite logit gets k distinct valid experts and NaN weights; every other row is
+    routed as if the poisoned one were not there (docs/design.md, "Non-finite values")."""
+    run.apply(monkeypatch)
+    nan, inf = float("nan"), float("inf")
+    for E, k in ((3, 2), (4, 2), (8, 3)):
+        logits = torch.randn(6, E)
+        logits[0] = nan
+        logits[1, 1] = nan
+        logits[2, 0] = inf
+        logits[3, -1] = -inf  # a finite row: -inf is a valid logit (probability 0)
+        w, i = mk.route(logits.to(run.device), k, backend=run.backend)
+        w, i = w.cpu(), i.cpu()
+        assert ((i >= 0) & (i < E)).all() and (i.sort(1).values.diff(1) > 0).all(), "k distinct valid experts"
+        assert torch.isnan(w[:3]).all()
+        w64, _ = oracle.route(logits[3:].double(), k, i[3:])
+        helpers.assert_close(w[3:], w64, F32, "finite rows")
+        assert i[3:].tolist() == oracle.route_indices(logits[3:], k).tolist()

@@ -24,7 +24,8 @@ def _cases(dt: str):
     lay = dict(E_R=L.E_R, R_PAD=L.R_PAD, RS_PAD=L.RS_PAD, WR=L.WR)
     f32 = {"logits_ptr": "*fp32", "w_ptr": "*fp32", "z_ptr": "*fp32", "ws_ptr": "*fp32", "dl_ptr": "*fp32",
            "gl_ptr": "*fp32", "idx_ptr": "*i64", "hl_ptr": "*fp32", "meta_ptr": "*i64", "out_ptr": "*fp32",
-           "g_ptr": "*fp32", "d_base_ptr": "*fp32", "d_orth_ptr": "*fp32", "c_ptr_red": "*fp32"}
+           "g_ptr": "*fp32", "d_base_ptr": "*fp32", "d_orth_ptr": "*fp32", "c_ptr_red": "*fp32",
+           "used_ptr": "*i8"}
     yield ("route_fwd", route._route_fwd_kernel, dict(BLOCK_T=64, BLOCK_E=8), f32, [(4, 2)])
     yield ("route_bwd", route._route_bwd_kernel, dict(BLOCK_T=64, BLOCK_E=8), f32, [(4, 2)])
     big = dict(lay, EL=L.EL, ROUTED=True, SHARED=True, ROUTER=True, HAS_LX=False, HAS_RBIAS=True, WRITE_H=True,
@@ -46,7 +47,7 @@ def _cases(dt: str):
     yield ("shrink_bwd_reduce", shrink._shrink_bwd_reduce_kernel, redb, f32, [(4, 1)])
     for base, acc, router in ((True, False, False), (False, True, False), (True, False, True)):
         meta = dict(lay, NL_PAD=16, KP=2, BKE=16, BKS=32, BKL=16, BASE=base, ROUTED=True, SHARED=True, ROUTER=router,
-                    HAS_BIAS=base, ACC=acc, SKIP=True)
+                    HAS_BIAS=base, ACC=acc, SKIP=True, USED=True)
         yield (f"ext_gemm[base={base},acc={acc},router={router}]", gemm._ext_gemm_kernel, meta, f32, None)
     yield ("token_reduce", gemm._token_reduce_kernel, dict(SPLIT=4), {"c_ptr": "*fp32"}, None)
     yield ("penalty_fwd", orthogonal_penalty._pen_fwd_kernel, dict(BR1=32, BR2=32, BK=64), f32, [(4, 2)])

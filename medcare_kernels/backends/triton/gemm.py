@@ -57,16 +57,17 @@ def _dot_segment(acc, a_ptr, s_am, s_ak, OFF, b_ptr, s_bk, s_bn, K, K_END, rm64,
 
 
 @autotune(_EXT_CONFIGS, _EXT_INTERP, key=["M_BUCKET", "N", "K0", "s_b0k", "E", "R", "RS", "NL", "BASE", "ACC",
-                                                "SKIP"],
+                                                "SKIP", "USED"],
           restore_value=["c_ptr"])
 @triton.jit
-def _ext_gemm_kernel(a0_ptr, b0_ptr, bias_ptr, hz_ptr, br_ptr, bs_ptr, hl_ptr, bl_ptr, idx_ptr, c_ptr,
+def _ext_gemm_kernel(a0_ptr, b0_ptr, bias_ptr, hz_ptr, br_ptr, bs_ptr, hl_ptr, bl_ptr, idx_ptr, used_ptr, c_ptr,
                      M, N, K0, E, R, RS, NL, TOPK, M_BUCKET,
                      s_a0m, s_a0k, s_b0k, s_b0n, s_hz, s_bre, s_brc, s_brn, s_bsc, s_bsn, s_hl, s_blc, s_bln, s_cm,
                      E_R: tl.constexpr, R_PAD: tl.constexpr, WR: tl.constexpr, RS_PAD: tl.constexpr,
                      NL_PAD: tl.constexpr, KP: tl.constexpr, BKE: tl.constexpr, BKS: tl.constexpr,
                      BKL: tl.constexpr, BASE: tl.constexpr, ROUTED: tl.constexpr, SHARED: tl.constexpr,
                      ROUTER: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, SKIP: tl.constexpr,
+                     USED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -95,6 +96,8 @@ def _ext_gemm_kernel(a0_ptr, b0_ptr, bias_ptr, hz_ptr, br_ptr, bs_ptr, hl_ptr, b
             e = kk // R_PAD
             c = kk % R_PAD
             kv = (e < E) & (c < R)
+            if USED:  # experts no token chose are never read: an inf there must not meet H's zeros
+                kv = kv & (tl.load(used_ptr + e, mask=e < E, other=0) != 0)
             if SKIP:
                 e_lo = k0 // R_PAD
                 e_hi = (k0 + BKE - 1) // R_PAD + 1
@@ -123,13 +126,14 @@ def _mat(t: torch.Tensor | None, rows: int, cols: int) -> tuple[int, int]:
 
 
 def ext_gemm(out: torch.Tensor, *, a0=None, b0=None, bias=None, hz=None, routed=None, shared=None, router=None,
-             indices=None, layout=None, accumulate: bool = False) -> torch.Tensor:
+             indices=None, used=None, layout=None, accumulate: bool = False) -> torch.Tensor:
     """Fill ``out`` [M, N] (any float dtype) with ``[out +] a0 @ b0 + bias + LoRA segments``.
 
     a0 [M, K0] and b0 [K0, N] (any strides) or None; ``hz`` [M, W] the rank-space activations (layout of
     :class:`medcare_kernels.backends.triton.shrink.Layout`); ``routed`` = (tensor, s_e, s_c, s_n): the experts'
     [E, r] x N operand addressed as ``e * s_e + c * s_c + n * s_n``; ``shared`` = [r_s, N] operand;
-    ``router`` = (hl [M, E] float32, [E, N] operand). ``indices`` [M, k]: skip experts no row chose.
+    ``router`` = (hl [M, E], [E, N] operand). ``indices`` [M, k]: skip experts no row of a tile chose;
+    ``used`` [E] int8: skip experts no token chose at all (never read, whatever they hold).
     """
     M, N = out.shape
     if M == 0 or N == 0:
@@ -150,7 +154,7 @@ def ext_gemm(out: torch.Tensor, *, a0=None, b0=None, bias=None, hz=None, routed=
     _ext_gemm_kernel[grid](
         a0 if a0 is not None else dummy, b0 if b0 is not None else dummy, bias if bias is not None else dummy,
         hz if hz is not None else dummy, rt, sh if sh is not None else dummy, hl, bl,
-        indices if indices is not None else dummy, out,
+        indices if indices is not None else dummy, used if used is not None else dummy, out,
         M, N, K0, L.E if L else 0, L.R if L else 0, L.RS if L else 0, NL, L.K if L else 1, bucket(M),
         s_a0[0], s_a0[1], s_b0[0], s_b0[1], hz.stride(0) if hz is not None else 0, s_bre, s_brc, s_brn,
         *_mat(sh, 0, 0), hl.stride(0) if router is not None else 0, *_mat(bl if router is not None else None, 0, 0),
@@ -158,7 +162,8 @@ def ext_gemm(out: torch.Tensor, *, a0=None, b0=None, bias=None, hz=None, routed=
         E_R=L.E_R if L else 1, R_PAD=R_PAD, WR=L.WR if L else 0, RS_PAD=RS_PAD,
         NL_PAD=NL_PAD, KP=pow2(L.K if L else 1), BKE=max(16, min(R_PAD, 64)), BKS=min(RS_PAD, 64),
         BKL=min(NL_PAD, 64), BASE=a0 is not None, ROUTED=routed is not None, SHARED=shared is not None,
-        ROUTER=router is not None, HAS_BIAS=bias is not None, ACC=accumulate, SKIP=indices is not None)
+        ROUTER=router is not None, HAS_BIAS=bias is not None, ACC=accumulate, SKIP=indices is not None,
+        USED=used is not None)
     return out
 
 
@@ -187,13 +192,20 @@ def _token_reduce_kernel(p_ptr, q_ptr, c_ptr, M, N, K, K_BUCKET, s_pk, s_qk, s_c
              mask=mmask[:, None] & nmask[None, :])
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with unit column stride (a size-0 or size-1 dimension may carry any stride, e.g. ``x.T`` of a
+    [1, n] tensor, or an expanded zero gradient)."""
+    return t if t.stride(1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
 def token_reduce(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``p.T @ q`` in float32: p [T, M], q [T, N] (rows contiguous) -> [M, N], reduced over T."""
+    """``p.T @ q`` in float32 (any input dtypes, IEEE float32 products for mixed ones): p [T, M], q [T, N]
+    -> [M, N], reduced over T."""
     T, M = p.shape
     N = q.shape[1]
-    assert p.stride(1) == 1 and q.stride(1) == 1, "token_reduce needs row-contiguous operands"
     if T == 0:
         return torch.zeros(M, N, dtype=torch.float32, device=p.device)
+    p, q = _row_major(p), _row_major(q)
     tiles = cdiv(M, 64) * cdiv(N, 64)
     split = split_k(tiles, T, p.device, min_chunk=256)
     out = torch.empty(split, M, N, dtype=torch.float32, device=p.device)
@@ -202,4 +214,13 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out[0] if split == 1 else out.sum(0)
 
 
-__all__ = ["ext_gemm", "token_reduce", "INTERPRET", "num_sms"]
+def weight_grad(p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``p.T @ q`` [M, N] for a weight gradient of ``dtype``: cuBLAS (each operand read once) when both
+    operands and the gradient share one dtype; else :func:`token_reduce` (float32 result, so a float32
+    parameter's gradient keeps float32 precision from 16-bit activations)."""
+    if p.dtype == q.dtype == dtype:
+        return torch.mm(p.T, q) if p.shape[0] else torch.zeros(p.shape[1], q.shape[1], dtype=dtype, device=p.device)
+    return token_reduce(p, q)
+
+
+__all__ = ["ext_gemm", "token_reduce", "weight_grad", "INTERPRET", "num_sms"]

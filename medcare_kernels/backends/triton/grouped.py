@@ -110,12 +110,12 @@ def _grouped_shrink_kernel(src_ptr, mat_ptr, order_ptr, seg_ptr, tiles_ptr, z_pt
                  (acc * (w * scaling)[:, None]).to(dz_ptr.dtype.element_ty), mask=pmask[:, None])
 
 
-@autotune(_EXPAND_CONFIGS, cfg(4, 1, BLOCK_N=32), key=["N", "R", "E", "GATED"], restore_value=["out_ptr"])
+@autotune(_EXPAND_CONFIGS, cfg(4, 1, BLOCK_N=32), key=["N", "R", "E", "GATED", "LOW"], restore_value=["out_ptr"])
 @triton.jit
 def _grouped_expand_kernel(v_ptr, wt_ptr, mat_ptr, order_ptr, seg_ptr, tiles_ptr, in_ptr, out_ptr,
                            N, E, R, K, J, scaling, s_vt, s_vj, s_me, s_mc, s_mn, s_in, s_out,
-                           E_PAD: tl.constexpr, RP: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           E_PAD: tl.constexpr, RP: tl.constexpr, GATED: tl.constexpr, LOW: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     g, valid, pmask, token, j, slot = _find_tile(order_ptr, seg_ptr, tiles_ptr, tl.program_id(0), J * E, E, K,
                                                  E_PAD, BLOCK_M)
     tok64 = token.to(tl.int64)
@@ -132,14 +132,16 @@ def _grouped_expand_kernel(v_ptr, wt_ptr, mat_ptr, order_ptr, seg_ptr, tiles_ptr
                 other=0.0)
     omask = pmask[:, None] & nmask[None, :]
     acc = tl.load(in_ptr + tok64[:, None] * s_in + rn[None, :], mask=omask, other=0.0).to(tl.float32)
-    acc = mma(v.to(mat_ptr.dtype.element_ty), m, acc)
+    if LOW:  # a 16-bit computation (x and the LoRA share a 16-bit dtype): tensor-core operands
+        v = v.to(mat_ptr.dtype.element_ty)
+    acc = mma(v, m, acc)
     tl.store(out_ptr + tok64[:, None] * s_out + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@autotune(_REDUCE_CONFIGS, cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), key=["M", "N", "E", "K"])
+@autotune(_REDUCE_CONFIGS, cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=16), key=["M", "N", "E", "K", "LOW"])
 @triton.jit
 def _grouped_reduce_kernel(p_ptr, q_ptr, wt_ptr, order_ptr, seg_ptr, c_ptr, M, N, E, K, scaling,
-                           s_pt, s_pj, s_qt, s_qj, P_GATED: tl.constexpr, Q_GATED: tl.constexpr,
+                           s_pt, s_pj, s_qt, s_qj, P_GATED: tl.constexpr, Q_GATED: tl.constexpr, LOW: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -162,9 +164,13 @@ def _grouped_reduce_kernel(p_ptr, q_ptr, wt_ptr, order_ptr, seg_ptr, c_ptr, M, N
             if P_GATED or Q_GATED:
                 gate = tl.load(wt_ptr + tok * K + j, mask=pv, other=0.0) * scaling
                 if P_GATED:
-                    p = (p * gate[None, :]).to(q_ptr.dtype.element_ty)
+                    p = p * gate[None, :]
+                    if LOW:
+                        p = p.to(q_ptr.dtype.element_ty)
                 if Q_GATED:
-                    q = (q * gate[:, None]).to(p_ptr.dtype.element_ty)
+                    q = q * gate[:, None]
+                    if LOW:
+                        q = q.to(p_ptr.dtype.element_ty)
             acc = mma(p, q, acc)
     tl.store(c_ptr + e.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
@@ -184,7 +190,7 @@ def _shrink(srt: Sorted, src, mat, strides, z, R, epi, scaling, weights=None, dz
                                  NG_PAD=pow2(G), RP=_rp(R), EPI=epi, BLOCK_M=srt.block_m)
 
 
-def _expand_passes(srt: Sorted, v, v_strides, mat, mat_strides, acc32, out, R, scaling, weights=None):
+def _expand_passes(srt: Sorted, v, v_strides, mat, mat_strides, acc32, out, R, scaling, low, weights=None):
     """k launches: ``acc32[t] += V_slot @ M_e`` for choice j = 0..k-1; the last writes ``out``."""
     T, K, E = srt.T, srt.K, srt.E
     N = out.shape[1]
@@ -195,16 +201,16 @@ def _expand_passes(srt: Sorted, v, v_strides, mat, mat_strides, acc32, out, R, s
         _grouped_expand_kernel[grid](v, weights if weights is not None else v, mat, srt.order, srt.seg, srt.tiles,
                                      acc32, dst, N, E, R, K, j, scaling, *v_strides, *mat_strides, acc32.stride(0),
                                      dst.stride(0), E_PAD=pow2(E), RP=_rp(R), GATED=weights is not None,
-                                     BLOCK_M=srt.block_m)
+                                     LOW=low, BLOCK_M=srt.block_m)
     return out
 
 
-def _reduce(srt: Sorted, p, p_strides, q, q_strides, M, N, scaling, weights=None, gated="") -> torch.Tensor:
+def _reduce(srt: Sorted, p, p_strides, q, q_strides, M, N, scaling, low, weights=None, gated="") -> torch.Tensor:
     E = srt.E
     out = torch.empty(E, M, N, dtype=torch.float32, device=p.device)
     grid = lambda meta: (E, cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     _grouped_reduce_kernel[grid](p, q, weights if weights is not None else p, srt.order, srt.seg, out, M, N, E, srt.K,
-                                 scaling, *p_strides, *q_strides, P_GATED=gated == "p", Q_GATED=gated == "q")
+                                 scaling, *p_strides, *q_strides, P_GATED=gated == "p", Q_GATED=gated == "q", LOW=low)
     return out
 
 
@@ -234,7 +240,7 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
     else:
         ext_gemm(acc, a0=x, b0=weight.T, bias=bias, layout=L, **shared)
     _expand_passes(srt, z, (z.stride(0), r), lora_B, (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1)), acc, y, r,
-                   scaling, weights)
+                   scaling, hd != torch.float32, weights)
     return y, logits, weights, indices, z
 
 
@@ -258,6 +264,7 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
                  z0(lora_x, need_lx)]
     else:
         srt = Sorted(indices, E, _block_m())
+        low = hd != torch.float32
         RP = _rp(r)
         dz = torch.empty(T, top_k, RP, dtype=hd, device=x.device)
         dw = torch.empty(T, top_k, dtype=f32, device=x.device)
@@ -278,18 +285,18 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
             acc = torch.empty(T, d_in, dtype=f32, device=x.device)
             if lora_x is None:
                 ext_gemm(acc, a0=grad_y, b0=weight, router=(dl, router_weight), layout=Ls, **shared)
-                _expand_passes(srt, dz, dz_strides, lora_A, A_strides, acc, d_x, r, scaling)
+                _expand_passes(srt, dz, dz_strides, lora_A, A_strides, acc, d_x, r, scaling, low)
             else:
                 ext_gemm(d_x, a0=grad_y, b0=weight, router=(dl, router_weight), layout=Ls)
         if need_lx:
             d_lx = torch.empty_like(lora_x)
             acc = torch.empty(T, d_in, dtype=f32, device=x.device)
             ext_gemm(acc, layout=Ls, **shared)
-            _expand_passes(srt, dz, dz_strides, lora_A, A_strides, acc, d_lx, r, scaling)
+            _expand_passes(srt, dz, dz_strides, lora_A, A_strides, acc, d_lx, r, scaling, low)
         if need_a:
-            d_A = _reduce(srt, dz, dz_strides, lx, (lx.stride(0), 0), r, d_in, scaling).to(lora_A.dtype)
+            d_A = _reduce(srt, dz, dz_strides, lx, (lx.stride(0), 0), r, d_in, scaling, low).to(lora_A.dtype)
         if need_bb:
-            d_B = _reduce(srt, grad_y, (grad_y.stride(0), 0), z, (z.stride(0), r), d_out, r, scaling, weights,
+            d_B = _reduce(srt, grad_y, (grad_y.stride(0), 0), z, (z.stride(0), r), d_out, r, scaling, low, weights,
                           "q").to(lora_B.dtype)
         if need_as and r_s:
             d_As = token_reduce(dz_s, lx)[:r_s].to(shared_A.dtype)
@@ -313,7 +320,8 @@ def compile_cases(dt: str, f32: dict):
         yield (f"grouped_shrink[epi={epi}]", _grouped_shrink_kernel, dict(NG_PAD=128, RP=16, EPI=epi, BLOCK_M=64),
                dict(ptr, z_ptr="*fp32"), None)
     for gated in (True, False):
-        yield (f"grouped_expand[gated={gated}]", _grouped_expand_kernel, dict(E_PAD=64, RP=16, GATED=gated, BLOCK_M=64),
+        yield (f"grouped_expand[gated={gated}]", _grouped_expand_kernel,
+               dict(E_PAD=64, RP=16, GATED=gated, LOW=True, BLOCK_M=64),
                dict(ptr, v_ptr="*fp32" if gated else f"*{dt}"), None)
-    yield ("grouped_reduce[q gated]", _grouped_reduce_kernel, dict(P_GATED=False, Q_GATED=True),
+    yield ("grouped_reduce[q gated]", _grouped_reduce_kernel, dict(P_GATED=False, Q_GATED=True, LOW=True),
            dict(ptr, q_ptr="*fp32"), None)

@@ -13,7 +13,7 @@ import torch
 
 from medcare_kernels import dispatch
 from medcare_kernels.backends.triton._common import check_dtypes, compute_dtype
-from medcare_kernels.backends.triton.gemm import ext_gemm, token_reduce
+from medcare_kernels.backends.triton.gemm import ext_gemm, weight_grad
 from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
 
@@ -63,9 +63,9 @@ def backward(grad_y, x, lora_x, weight, lora_A, lora_B, z, scaling: float, needs
             d_lx = torch.empty_like(lora_x)
             ext_gemm(d_lx, hz=dz, shared=lora_A, layout=L)
         if need_a:
-            d_a = token_reduce(dz, lx)[:r].to(lora_A.dtype)
+            d_a = weight_grad(dz, lx, lora_A.dtype)[:r].to(lora_A.dtype)
         if need_bb:
-            d_bb = token_reduce(grad_y, h)[:, :r].to(lora_B.dtype)
+            d_bb = weight_grad(grad_y, h, lora_B.dtype)[:, :r].to(lora_B.dtype)
     d_w = (grad_y.T @ x).to(weight.dtype) if need_w else None
     d_b = grad_y.sum(0, dtype=torch.float32).to(weight.dtype) if need_b else None
     return [None if g is None else g.contiguous() for g in (d_x, d_w, d_b, d_a, d_bb, d_lx)]

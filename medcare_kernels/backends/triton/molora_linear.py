@@ -28,7 +28,7 @@ import torch
 from medcare_kernels import dispatch
 from medcare_kernels.backends.triton import grouped
 from medcare_kernels.backends.triton._common import check_dtypes, compute_dtype
-from medcare_kernels.backends.triton.gemm import ext_gemm, token_reduce
+from medcare_kernels.backends.triton.gemm import ext_gemm, weight_grad
 from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
 def choose_path(tokens: int, experts: int, rank: int, top_k: int) -> str:
@@ -36,6 +36,17 @@ def choose_path(tokens: int, experts: int, rank: int, top_k: int) -> str:
     extension of ``E_R*R_PAD + r_s``); the grouped path computes only the chosen ``k*r`` per token but gathers
     rows and launches ``k`` segment passes (:func:`dispatch.triton_path` has the rule)."""
     return dispatch.triton_path(Layout(experts, rank, 0, top_k, True).WR, experts, top_k)
+
+
+def _used(indices: torch.Tensor, experts: int) -> torch.Tensor:
+    """[E] int8: 1 for the experts at least one token chose (on the device, no synchronisation)."""
+    return torch.zeros(experts, dtype=torch.int8, device=indices.device).index_fill_(0, indices.view(-1), 1)
+
+
+def _idle_zero(used: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` [E, ...] with exact zeros for the experts no token chose (``torch.where``, so a NaN that
+    reached their rows through a zero column of dZ or H does not survive)."""
+    return torch.where(used.view(-1, *([1] * (grad.dim() - 1))) != 0, grad, 0.0)
 
 
 def _c(t):
@@ -70,7 +81,8 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
     hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     logits, weights, indices, z, h = shrink_forward(x, lora_x, lora_A, shared_A, router_weight, router_bias, L,
                                                     scaling, hd)
-    lora = dict(hz=h, routed=_routed_B(lora_B), shared=shared_B.T if r_s else None, indices=indices, layout=L)
+    lora = dict(hz=h, routed=_routed_B(lora_B), shared=shared_B.T if r_s else None, indices=indices,
+                used=_used(indices, E), layout=L)
     if dispatch.triton_base(T) == "cublas":
         y = torch.nn.functional.linear(x, weight, bias)
         ext_gemm(y, accumulate=True, **lora)
@@ -101,35 +113,42 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
     d_x = d_wr = d_br = d_A = d_B = d_As = d_Bs = d_lx = None
     if any((need_x, need_wr, need_br, need_a, need_bb, need_as, need_bs, need_lx)):
         dz, h, dl = shrink_backward(grad_y, lora_B, shared_B, logits, indices, z, grad_logits, L, scaling, hd)
-        lora = dict(hz=dz, routed=_routed_A(lora_A), shared=shared_A if r_s else None, indices=indices, layout=L)
+        used = _used(indices, E)
+        lora = dict(hz=dz, routed=_routed_A(lora_A), shared=shared_A if r_s else None, indices=indices, used=used,
+                    layout=L)
+        # dZ's last columns hold d_logits in dZ's dtype: when the router has that dtype too, dx's router term
+        # and dW_r read them there (16-bit operands, tensor cores); a float32 router keeps float32 d_logits.
+        router_in_dz = router_weight.dtype == hd
+        router = (dz[:, L.W: L.W + E] if router_in_dz else dl, router_weight)
         if need_x:  # dx = dy @ W (+ dZ @ [A_all; A_s] when x is also the LoRA input) + d_logits @ W_r
             ext = lora if lora_x is None else dict(layout=L)
             if dispatch.triton_base(T) == "cublas":
                 d_x = torch.mm(grad_y, weight).to(x.dtype)
-                ext_gemm(d_x, router=(dl, router_weight), accumulate=True, **ext)
+                ext_gemm(d_x, router=router, accumulate=True, **ext)
             else:
                 d_x = torch.empty_like(x)
-                ext_gemm(d_x, a0=grad_y, b0=weight, router=(dl, router_weight), **ext)
+                ext_gemm(d_x, a0=grad_y, b0=weight, router=router, **ext)
         if need_lx:
             d_lx = torch.empty_like(lora_x)
             ext_gemm(d_lx, **lora)
-        with_router = need_wr and lora_x is None  # dZ's last columns hold d_logits: one pass over x
+        with_router = need_wr and lora_x is None and router_in_dz  # one pass over x for dA, dA_s and dW_r
         if need_a or need_as or with_router:
-            ga = token_reduce(dz[:, : L.W + (E if with_router else 0)], lx)
+            ga = weight_grad(dz[:, : L.W + (E if with_router else 0)], lx, lora_A.dtype)
             if need_a:
-                d_A = ga[: L.WR].view(L.E_R, L.R_PAD, d_in)[:E, :r].to(lora_A.dtype)
+                d_A = _idle_zero(used, ga[: L.WR].view(L.E_R, L.R_PAD, d_in)[:E, :r]).to(lora_A.dtype)
             if need_as and r_s:
                 d_As = ga[L.WR: L.WR + r_s].to(shared_A.dtype)
             if with_router:
                 d_wr = ga[L.W: L.W + E].to(router_weight.dtype)
         if need_wr and not with_router:
-            d_wr = token_reduce(dl, x).to(router_weight.dtype)
+            d_wr = weight_grad(dl, x, router_weight.dtype).to(router_weight.dtype)
         if need_br:
             d_br = dl.sum(0).to(router_weight.dtype)
         if need_bb or need_bs:
-            gb = token_reduce(grad_y, h)
+            gb = weight_grad(grad_y, h, lora_B.dtype)
             if need_bb:
-                d_B = gb[:, : L.WR].view(-1, L.E_R, L.R_PAD)[:, :E, :r].permute(1, 0, 2).to(lora_B.dtype)
+                d_B = _idle_zero(used, gb[:, : L.WR].view(-1, L.E_R, L.R_PAD)[:, :E, :r].permute(1, 0, 2))
+                d_B = d_B.to(lora_B.dtype)
             if need_bs and r_s:
                 d_Bs = gb[:, L.WR: L.WR + r_s].to(shared_B.dtype)
     d_w = (grad_y.T @ x).to(weight.dtype) if need_w else None

@@ -28,8 +28,12 @@ def softmax_rows(logits, valid):
 @triton.jit
 def topk_rank(p, cols, valid, K):
     """``rank[t, e] = j`` when expert ``e`` is token ``t``'s ``j``-th choice (descending ``p``, equal values
-    to the lower index), -1 when unchosen. ``p`` [BT, BE] float32, ``cols`` = arange(BE)."""
-    q = tl.where(valid[None, :], p, -1.0)
+    to the lower index), -1 when unchosen. ``p`` [BT, BE] float32, ``cols`` = arange(BE).
+
+    A NaN probability (a row with a non-finite logit) ranks below every valid one, and ties with the
+    padding columns go to the lower index, so such a row still gets k distinct valid experts: its
+    weights are NaN, and the row stays poisoned instead of silently losing its LoRA term."""
+    q = tl.where(valid[None, :] & (p == p), p, -1.0)
     rank = tl.full(p.shape, -1, tl.int32)
     for j in range(K):
         m = tl.max(q, axis=1)

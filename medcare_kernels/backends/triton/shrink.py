@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medcare_kernels.backends.triton._common import autotune, bucket, cdiv, cfg, mma, pow2, split_k
+from medcare_kernels.backends.triton._common import autotune, bucket, cdiv, cfg, mma, num_sms, pow2, split_k
 from medcare_kernels.backends.triton.route import route_grad, softmax_rows, topk_rank
 
 # Hopper and Ampere: BLOCK_T comes from the host (16/32/64 by token count), the rank side is the
@@ -86,12 +86,16 @@ class Layout:
         return self.E_R * self.R_PAD + self.RS_PAD + self.EL
 
 
-def _block_t(T: int) -> int:
+def _block_t(T: int, device: torch.device) -> int:
+    """The token block: the largest of 128/64/32/16 that still gives every SM a tile, so prefill sizes
+    need no split-K and no reduce pass (T=16384 on an H200's 132 SMs: 64, 256 tiles, where 128 gave 128
+    tiles and a 3-way split; benchmarks/RESULTS.md, "Where the time goes"). Larger blocks re-read the
+    small rank-space weights from L2 fewer times. Decode sizes take 16 and split the reduction instead."""
     from medcare_kernels.backends.triton._common import INTERPRET
     if INTERPRET:
         return 16
-    # Larger token blocks re-read the (small) rank-space weights from L2 fewer times at prefill sizes.
-    return 16 if T <= 16 else 32 if T <= 32 else 64 if T < 8192 else 128
+    sms = num_sms(device)
+    return next((bt for bt in (128, 64, 32) if cdiv(T, bt) >= sms), 16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def shrink_forward(x, lora_x, lora_A, shared_A, router_weight, router_bias, layo
     h = torch.empty(T, L.W, dtype=h_dtype, device=dev) if h_dtype is not None else None
     if T == 0:
         return logits, weights, indices, z, h
-    bt = _block_t(T)
+    bt = _block_t(T, dev)
     tiles = cdiv(T, bt)
     split = split_k(tiles, D, dev, min_chunk=256)
     ws = torch.empty(split, T, L.WS, dtype=f32, device=dev) if split > 1 else z
@@ -428,7 +432,7 @@ def shrink_backward(grad_y, lora_B, shared_B, logits, indices, z, grad_logits, l
     dl = torch.empty(T, L.E, dtype=torch.float32, device=dev) if L.routed else None
     if T == 0:
         return dz, h, dl
-    bt = _block_t(T)
+    bt = _block_t(T, dev)
     tiles = cdiv(T, bt)
     split = split_k(tiles, D, dev, min_chunk=256)
     ws = torch.empty(split, T, L.WS, dtype=torch.float32, device=dev) if split > 1 else dz
