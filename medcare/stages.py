@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from medcare.config import MedCareConfig
+from medcare.distributed import is_zero3_param
 from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear, fold_into
 
 __all__ = ["TargetError", "apply_stage1", "merge_and_unload", "merge_lora", "model_stage", "to_stage2", "wrapper_modules"]
@@ -255,7 +256,8 @@ def _enable_input_grads(model: nn.Module) -> None:
     which ``torch.compile`` cannot keep in one graph (a graph break per forward). This hook does the same
     only when :func:`_reentrant_checkpointing` says it is needed; otherwise it traces to nothing, so a
     wrapped model compiles whole (``fullgraph=True``) without checkpointing or with the non-reentrant kind.
-    Nothing is installed when the user (or transformers) already put its own hook on the model.
+    Under DeepSpeed ZeRO-3 (a partitioned embedding weight) it always acts: ZeRO-3 needs it. Nothing is
+    installed when the user (or transformers) already put its own hook on the model.
     """
     if (model.__dict__.get("_require_grads_hooks") or "_require_grads_hook" in model.__dict__
             or "_medcare_input_grads_hook" in model.__dict__):
@@ -270,7 +272,12 @@ def _enable_input_grads(model: nn.Module) -> None:
     layers = tuple(m for m in model.modules() if hasattr(m, "gradient_checkpointing"))
 
     def inputs_require_grad(module: nn.Module, args: object, output: torch.Tensor) -> None:
-        if _reentrant_checkpointing(layers) and isinstance(output, torch.Tensor) and not output.requires_grad:
+        if not isinstance(output, torch.Tensor) or output.requires_grad:
+            return
+        # DeepSpeed ZeRO-3 gathers a module's partitioned parameters for the backward through hooks on tensors
+        # that require grad: with the frozen embedding's output as is, the first layers' backward met an empty
+        # (partitioned) base weight. So under ZeRO-3 the hook always acts, as transformers' own does.
+        if _reentrant_checkpointing(layers) or any(is_zero3_param(p) for p in module.parameters(recurse=False)):
             output.requires_grad_(True)
 
     model.__dict__["_medcare_input_grads_hook"] = embeddings.register_forward_hook(inputs_require_grad)

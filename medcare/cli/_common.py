@@ -29,7 +29,7 @@ class CLIError(ValueError):
 
 
 #: Exceptions printed as one ``error:`` line instead of a traceback.
-USER_ERRORS = (CLIError, DataFormatError, AdapterError)
+USER_ERRORS = (CLIError, DataFormatError, AdapterError, TargetError)
 
 
 def say(message: str) -> None:

@@ -210,6 +210,11 @@ def test_leftovers_of_interrupted_saves_and_merges_are_cleaned(tmp_path):
         write_dir_atomically(out, lambda d: (d / "v2").write_text("2"), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["v2"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".m")) == []
+    from medcare.cli._common import CLIError
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CLIError, match=r"--output '.*a-file/m' lies under '.*a-file', which is a file"):
+        write_dir_atomically(tmp_path / "a-file" / "m", lambda d: None)
 
 
 _KILL_DRIVER = textwrap.dedent("""

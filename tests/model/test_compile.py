@@ -99,6 +99,11 @@ def test_the_input_grad_hook_acts_only_under_reentrant_checkpointing():
         assert not emb(ids).requires_grad
     model.eval()
     assert not emb(ids).requires_grad
+    # under DeepSpeed ZeRO-3 (a partitioned embedding weight) it always acts: ZeRO-3's backward fetch needs it
+    fresh = _wrapped("qwen2-stage1")
+    emb = fresh.get_input_embeddings()
+    emb.weight.ds_id, emb.weight.ds_shape = 0, emb.weight.shape
+    assert emb(ids).requires_grad
 
 
 @pytest.mark.gpu
