@@ -164,9 +164,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareCo
     ``model.medcare_config``; ``base_model_name`` to ``model.config._name_or_path``. Atomic per file.
 
     Distributed: only the main process writes (``is_main_process``, default:
-    :func:`medcare.distributed.is_global_rank_zero`). Sharded parameters (FSDP2, ZeRO-3) are gathered to full tensors first,
-    which is a collective: then call it on every rank (``MedCareTrainer`` does). Under DDP any rank may
-    call it alone.
+    :func:`medcare.distributed.is_global_rank_zero`). Sharded parameters (FSDP2, ZeRO-3) are gathered to full
+    tensors first, which is a collective: then call it on every rank (``MedCareTrainer`` does). Under DDP any
+    rank may call it alone.
     """
     config = config if config is not None else getattr(model, "medcare_config", None)
     if config is not None and not isinstance(config, MedCareConfig):

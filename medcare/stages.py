@@ -23,7 +23,8 @@ from medcare.config import MedCareConfig
 from medcare.distributed import is_zero3_param
 from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear, fold_into
 
-__all__ = ["TargetError", "apply_stage1", "merge_and_unload", "merge_lora", "model_stage", "to_stage2", "wrapper_modules"]
+__all__ = ["TargetError", "apply_stage1", "merge_and_unload", "merge_lora", "model_stage", "to_stage2",
+           "wrapper_modules"]
 
 _WRAPPERS = (MoLoRALinear, LoRALinear, OrthLoRALinear)
 
@@ -288,7 +289,7 @@ def _enable_input_grads(model: nn.Module) -> None:
 def apply_stage1(model: nn.Module, config: MedCareConfig | None = None) -> nn.Module:
     """MedCare stage 1 (knowledge aggregation), in place; returns ``model``.
 
-    Every ``nn.Linear`` named by ``config.ffn_targets`` inside the decoder layers becomes a
+    Every ``nn.Linear`` named by ``config.ffn_targets`` inside the layers becomes a
     :class:`MoLoRALinear` (``num_experts`` routed experts + shared LoRA of rank ``r * num_shared``), every
     one named by ``config.attn_targets`` a :class:`LoRALinear` (suffixes or a full-name regex: see
     :class:`MedCareConfig`). All other parameters are frozen: only the LoRA and router parameters train.

@@ -124,7 +124,8 @@ class MedCareArguments:
     lora_dtype: str | None = field(default=None, metadata=_help(
         "dtype of the adapter parameters ('float32', 'bfloat16', ...; 'none': the base weights')", "lora_dtype"))
     layers_pattern: str | None = field(default=None, metadata=_help(
-        "name of the decoder-layer list (targets match only inside it)", "layers_pattern"))
+        "name of the numbered layer list (suffix targets match only inside it: layers, or layer for BERT)",
+        "layers_pattern"))
 
 
 def _names(value: str) -> tuple[str, ...] | str:

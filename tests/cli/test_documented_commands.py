@@ -23,7 +23,8 @@ DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").g
 # (in that order, in one temporary directory, with the documented paths mapped onto the tiny model and data).
 # "covered": the named test runs it as a subprocess. "lead": the Makefile targets (tested where they are
 # built). "skip": cannot run on one CPU machine, with why.
-_GPU_RUN = "needs several GPUs/processes; tests/dist runs medcare train under torchrun, accelerate and ZeRO-3 on 2 CPU processes"
+_GPU_RUN = ("needs several GPUs/processes; tests/dist runs medcare train under torchrun, accelerate and ZeRO-3 on 2 "
+            "CPU processes")
 _WHEEL = "building wheels for a GPU cluster (a CUDA toolkit, installs); make wheel is the lead's target"
 COMMANDS: dict[str, tuple[str, str]] = {
     "make test": ("lead", "runs this suite"),
@@ -94,7 +95,8 @@ def test_every_documented_command_is_accounted_for():
 
 
 def test_the_extraction_joins_continuations_and_drops_comments():
-    text = "x\n```bash\n# a comment\nmedcare train --a 1 \\\n    --b 2   # why\n\nmake demo\n```\n```python\nprint()\n```\n"
+    text = ("x\n```bash\n# a comment\nmedcare train --a 1 \\\n    --b 2   # why\n\nmake demo\n```\n"
+            "```python\nprint()\n```\n")
     assert documented_commands(text) == ["medcare train --a 1 --b 2", "make demo"]
 
 
