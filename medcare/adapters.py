@@ -27,12 +27,15 @@ lora           nn.Linear               fold ``W += s * B @ A`` unless the same L
 =============  ======================  ==========================================================
 
 Writes are atomic: each file is written to a temporary file in the same directory, flushed and fsynced,
-then renamed over the old one; the safetensors rename is the commit point.
+then renamed over the old one; the safetensors rename is the commit point. The files get the permissions
+the umask gives (0644 under the usual 022), and the temporary files of a save that was killed are removed
+by the next save into the same directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -50,12 +53,12 @@ from torch import Tensor, nn
 
 from medcare.config import MedCareConfig
 from medcare.distributed import copy_full_, full_params, gathered, param_shape
-from medcare.distributed import is_main_process as _is_main
+from medcare.distributed import is_global_rank_zero
 from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear
 from medcare.stages import _WRAPPERS, _refresh_cache, fold_recorded, merged_records, model_stage
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "load_adapter", "read_adapter",
-           "save_adapter"]
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "current_umask", "load_adapter",
+           "read_adapter", "remove_interrupted_writes", "save_adapter"]
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "medcare_config.json"
@@ -87,7 +90,7 @@ def _module_entry(m: nn.Module) -> tuple[str, dict[str, Any], dict[str, Tensor]]
         tensors = {"router.weight": m.router.weight, "router.bias": m.router.bias, "lora_A": m.lora_A,
                    "lora_B": m.lora_B, "shared_A": m.shared_A, "shared_B": m.shared_B}
     elif isinstance(m, OrthLoRALinear):
-        info = {"kind": "orth", **base, "rank": m.rank}
+        info = {"kind": "orth", **base, "rank": m.shared_rank}  # the file's key stays "rank" (format 1)
         tensors = {"base_A": m.base_A, "base_B": m.base_B, "orth_A": m.orth_A, "orth_B": m.orth_B}
     else:
         info = {"kind": "lora", **base, "r": m.r, "merged": False}
@@ -100,11 +103,43 @@ def _base_model_name(model: nn.Module) -> str:
     return str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the /proc read first)
+    os.umask(mask)
+    return mask
+
+
+def remove_interrupted_writes(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted adapter saves left in ``directory``; returns them.
+
+    Only this module's own pattern (``.adapter.safetensors.*.tmp``, ``.medcare_config.json.*.tmp``) is touched.
+    """
+    d = Path(directory)
+    removed = []
+    if d.is_dir():
+        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+            for p in d.glob(f".{glob.escape(name)}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600; safetensors keeps that mode): give it what the umask gives
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -128,10 +163,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareCo
     and every attention LoRA already folded into the base weights. ``config`` defaults to
     ``model.medcare_config``; ``base_model_name`` to ``model.config._name_or_path``. Atomic per file.
 
-    Distributed: only the main process writes (``is_main_process``, default: rank 0 of the default process
-    group, or True without one). Sharded parameters (FSDP2, ZeRO-3) are gathered to full tensors first,
-    which is a collective: then call it on every rank (``MedCareTrainer`` does). Under DDP any rank may
-    call it alone.
+    Distributed: only the main process writes (``is_main_process``, default:
+    :func:`medcare.distributed.is_global_rank_zero`). Sharded parameters (FSDP2, ZeRO-3) are gathered to full
+    tensors first, which is a collective: then call it on every rank (``MedCareTrainer`` does). Under DDP any
+    rank may call it alone.
     """
     config = config if config is not None else getattr(model, "medcare_config", None)
     if config is not None and not isinstance(config, MedCareConfig):
@@ -157,7 +192,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareCo
     with torch.no_grad():
         full = full_params([tensors[k] for k in names])
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in zip(names, full)}
-    if not (is_main_process if is_main_process is not None else _is_main()):
+    if not (is_main_process if is_main_process is not None else is_global_rank_zero()):
         return Path(path)
     from medcare_kernels import __version__
 
@@ -176,6 +211,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareCo
     text = json.dumps(meta, indent=2, sort_keys=True)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    remove_interrupted_writes(out)  # what a killed save of this directory left behind
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,16 +37,30 @@ class MedCareConfig:
         num_experts: routed experts per FFN linear (``E``). top_k: experts chosen per token.
         num_shared: shared experts per FFN linear; stored as one LoRA of rank ``r * num_shared``.
         use_rslora: rank-stabilised scale ``alpha / sqrt(r)``.
-        ffn_targets / attn_targets: module-name suffixes (``"gate_proj"`` or ``"mlp.gate_proj"``) matched
-            against the ``nn.Linear`` modules inside the decoder layers. ``attn_targets=()`` skips attention.
+        ffn_targets / attn_targets: which ``nn.Linear`` modules each group wraps, in one of two forms (the
+            convention of PEFT's ``target_modules``):
+
+            * a **list or tuple** of module-name *suffixes* (``("gate_proj", "up_proj")``, ``"mlp.gate_proj"``),
+              matched at a ``.`` boundary against the linears inside the layers (``layers_pattern``). A
+              suffix must name one place per layer: BERT's ``"output.dense"`` also ends
+              ``attention.output.dense``, and such a collision is an error at :func:`medcare.apply_stage1`
+              naming both places (write the longer suffix, or a regex).
+            * a **single string** is a *regular expression* that must match the full module name
+              (``re.fullmatch``), against every ``nn.Linear`` of the model (``layers_pattern`` does not apply),
+              e.g. ``r"encoder\\.layer\\.\\d+\\.(intermediate|output)\\.dense"`` for BERT's FFN. On the
+              command line, a value starting with ``re:`` is a regex (``--ffn_targets 're:...'``).
+
+            ``attn_targets=()`` skips attention. A module matched by both groups is an error at
+            :func:`medcare.apply_stage1` naming it; every group that matches nothing is reported at once.
         orth_lambda: stage-2 weight of the orthogonality penalty (``MedCareTrainer``).
         aux_loss_coef: stage-1 weight of the Switch-style router load-balancing loss; MedCare uses 0.
         freeze_base: keep the stage-2 base LoRA (the stage-1 shared experts) frozen; only the orth LoRA trains.
         backend: ``medcare_kernels`` backend for every op (``"auto"``, ``"torch"``, ...).
         lora_dtype: dtype of the LoRA and router parameters, ``"float32"`` by default even for bf16 models
             (the authors' choice); ``None`` uses the base weight's dtype.
-        layers_pattern: the decoder-layer container's name; targets match only under ``<pattern>.<index>.``
-            (``model.layers.3.mlp.gate_proj``), so ``lm_head`` or a vision tower are never wrapped.
+        layers_pattern: the layer container's name; suffix targets match only under ``<pattern>.<index>.``
+            (``model.layers.3.mlp.gate_proj``; ``"layer"`` for BERT's ``encoder.layer.3...``), so ``lm_head``
+            or a vision tower are never wrapped.
     """
 
     r: int = 16
@@ -55,8 +70,8 @@ class MedCareConfig:
     top_k: int = 2
     num_shared: int = 2
     use_rslora: bool = False
-    ffn_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    attn_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    ffn_targets: tuple[str, ...] | str = ("gate_proj", "up_proj", "down_proj")
+    attn_targets: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
     orth_lambda: float = 1.0
     aux_loss_coef: float = 0.0
     freeze_base: bool = True
@@ -84,7 +99,12 @@ class MedCareConfig:
         if not self.ffn_targets:
             raise ValueError("ffn_targets must name at least one FFN linear (e.g. ('gate_proj', 'up_proj', "
                              "'down_proj')): MedCare's experts live there")
-        both = sorted(set(self.ffn_targets) & set(self.attn_targets))
+        # the same suffix (or the same regex) in both groups; overlaps of different patterns are found on the
+        # model itself, by apply_stage1
+        if isinstance(self.ffn_targets, str) or isinstance(self.attn_targets, str):
+            both = [self.ffn_targets] if self.ffn_targets == self.attn_targets else []
+        else:
+            both = sorted(set(self.ffn_targets) & set(self.attn_targets))
         if both:
             raise ValueError(f"ffn_targets and attn_targets must be disjoint, both contain {both}")
         self.orth_lambda = _real("orth_lambda", self.orth_lambda)
@@ -163,9 +183,21 @@ def _bool(name: str, value: object) -> bool:
     return value
 
 
-def _names(name: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a list or tuple of module-name suffixes, got {value!r}")
+def _names(name: str, value: object) -> tuple[str, ...] | str:
+    """A tuple of module-name suffixes, or a str: a regular expression for the full module name."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{name} must be a list of module-name suffixes or a non-empty regular expression, "
+                             f"got ''")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{name} is a string, i.e. a regular expression for the full module name, and "
+                             f"{value!r} does not compile: {e}") from e
+        return value
+    if not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of module-name suffixes, or a str (a regular expression "
+                        f"for the full module name), got {value!r}")
     out = tuple(value)
     for v in out:
         if not isinstance(v, str) or not v or v.startswith(".") or v.endswith("."):

@@ -24,12 +24,13 @@ gathers is a collective: under FSDP2/ZeRO-3 call it on every rank (the Trainer d
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["copy_full_", "full_params", "gathered", "is_main_process", "is_sharded", "is_zero3_param",
+__all__ = ["copy_full_", "full_params", "gathered", "is_global_rank_zero", "is_sharded", "is_zero3_param",
            "param_shape"]
 
 
@@ -62,10 +63,17 @@ def param_shape(p: Tensor) -> torch.Size:
     return torch.Size(p.ds_shape) if is_zero3_param(p) else p.shape
 
 
-def is_main_process() -> bool:
-    """Rank 0 of the default process group, or True without one (who writes files)."""
+def is_global_rank_zero() -> bool:
+    """Whether this process is global rank 0, the one that writes files and prints progress.
+
+    The rank of the default process group once one is initialised; before that (a launched process that
+    has not set its group up yet, e.g. ``medcare train`` while it parses its arguments) the ``RANK``
+    variable that torchrun, accelerate and deepspeed set; True in a plain single process.
+    """
     dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -252,7 +253,8 @@ class OrthLoRALinear(_AdapterLinear):
     half when the base pair is frozen (``freeze_base``).
 
     Parameters: ``base_A [r_s, d_in]``, ``base_B [d_out, r_s]``, ``orth_A [r_s, d_in]`` (Kaiming-uniform),
-    ``orth_B [d_out, r_s]`` (zeros).
+    ``orth_B [d_out, r_s]`` (zeros). ``shared_rank`` is ``r_s``, as on :class:`MoLoRALinear` (whose shared
+    LoRA the base LoRA is).
     """
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, config: MedCareConfig | None = None, *,
@@ -271,7 +273,7 @@ class OrthLoRALinear(_AdapterLinear):
             dtype = base_A.dtype
         else:
             r_s, dtype = config.shared_rank, config.param_dtype(weight.dtype)
-        self.rank = r_s
+        self.shared_rank = r_s
         self.base_A = self._new_param(r_s, d_in, dtype=dtype)
         self.base_B = self._new_param(d_out, r_s, dtype=dtype)
         self.orth_A = self._new_param(r_s, d_in, dtype=dtype)
@@ -326,6 +328,14 @@ class OrthLoRALinear(_AdapterLinear):
         self._fold(torch.cat([self.base_A, self.orth_A], 0), torch.cat([self.base_B, self.orth_B], 1))
         return self.to_linear()
 
+    @property
+    def rank(self) -> int:
+        """Deprecated alias of :attr:`shared_rank` (the name ``MoLoRALinear`` and ``MedCareConfig`` use)."""
+        warnings.warn("OrthLoRALinear.rank is deprecated: use OrthLoRALinear.shared_rank (the same number)",
+                      DeprecationWarning, stacklevel=2)
+        return self.shared_rank
+
     def extra_repr(self) -> str:
         frozen = "frozen" if not self.base_A.requires_grad else "trainable"
-        return f"{self._base_repr()}, r_s={self.rank} (base, {frozen}) + {self.rank} (orth), scaling={self.scaling:g}"
+        return (f"{self._base_repr()}, r_s={self.shared_rank} (base, {frozen}) + {self.shared_rank} (orth), "
+                f"scaling={self.scaling:g}")

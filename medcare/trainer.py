@@ -2,23 +2,71 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from medcare.adapters import ADAPTER_WEIGHTS_NAME, load_adapter, save_adapter
+from medcare.adapters import ADAPTER_WEIGHTS_NAME, AdapterError, load_adapter, read_adapter, save_adapter
 from medcare.config import MedCareConfig
 from medcare.losses import orthogonal_penalty, router_aux_loss
 from medcare.stages import merged_records, model_stage
 
-__all__ = ["MedCareTrainer"]
+__all__ = ["MedCareTrainer", "checkpoint_problem", "last_complete_checkpoint"]
 
 _TRAINING_ARGS_NAME = "training_args.bin"
+_TRAINER_STATE_NAME = "trainer_state.json"
 _FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why ``checkpoint`` (a ``checkpoint-N`` directory) cannot be resumed, or None when it is complete.
+
+    The Trainer writes ``trainer_state.json`` last (after the model or adapter, optimizer, scheduler and RNG
+    states), so a checkpoint is complete when that file is whole JSON; its adapter, when it has one, must
+    read back too (:func:`medcare.adapters.read_adapter`).
+    """
+    path = Path(checkpoint)
+    try:
+        state = json.loads((path / _TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "global_step" not in state:
+            return f"{_TRAINER_STATE_NAME} holds no trainer state"
+    except FileNotFoundError:
+        return f"no {_TRAINER_STATE_NAME}"
+    except (OSError, ValueError) as e:
+        return f"{_TRAINER_STATE_NAME} is unreadable ({e})"
+    if (path / ADAPTER_WEIGHTS_NAME).exists():
+        try:
+            read_adapter(path)
+        except AdapterError as e:
+            return str(e)
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` under ``output_dir`` that a run can resume from (None if there is none).
+
+    Newer ones that an interrupted save left incomplete (:func:`checkpoint_problem`) are skipped, each with
+    a warning naming it.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        warnings.warn(f"skipping incomplete checkpoint {path} ({problem}: an interrupted save)", stacklevel=2)
+    return None
 
 
 class MedCareTrainer(Trainer):
@@ -37,9 +85,11 @@ class MedCareTrainer(Trainer):
     micro-batches gives the gradient of ``task + coef * mean(extra)``. It is not multiplied by the number of
     processes (unlike the token-normalised task loss): DDP averages its identical per-rank gradient.
 
-    Metrics: ``orth_penalty`` (stage 2) and ``router_aux_loss`` (stage 1) are logged unweighted, averaged
-    over the micro-batches since the last log (and over processes), next to ``loss`` (which includes the
-    weighted terms). They are logged even when their coefficient is 0 (then computed without gradient).
+    Metrics: ``loss`` is the *task* loss alone (what ``Trainer`` would log for the plain model; the
+    gradient still comes from the total), and ``orth_penalty`` (stage 2) and ``router_aux_loss`` (stage 1)
+    are logged beside it, unweighted, averaged over the micro-batches since the last log (and over
+    processes); the optimised objective is ``loss + coef * term``. The terms are logged even when their
+    coefficient is 0 (then computed without gradient). The same numbers reach ``trainer_state.json``.
 
     Distributed (``torchrun``/``accelerate launch``; see ``docs/distributed.md``): DDP runs without
     ``find_unused_parameters`` (set to False unless given: every expert gets a gradient, zero when it
@@ -50,7 +100,9 @@ class MedCareTrainer(Trainer):
     Checkpoints: each save writes the adapter (``adapter.safetensors`` + ``medcare_config.json``, via
     :func:`medcare.save_adapter`), the processing class and the training arguments; the full model weights
     only with ``save_full_checkpoint=True``. Resuming (``train(resume_from_checkpoint=...)``) and
-    ``load_best_model_at_end`` load the adapter back. A model without MedCare layers (after
+    ``load_best_model_at_end`` load the adapter back; ``train(resume_from_checkpoint=True)`` takes the
+    newest *complete* ``checkpoint-N`` (:func:`last_complete_checkpoint`: one whose save was interrupted,
+    by a kill or a full disk, is skipped with a warning). A model without MedCare layers (after
     ``merge_and_unload``) is saved by the plain Trainer.
     """
 
@@ -69,6 +121,7 @@ class MedCareTrainer(Trainer):
         self.save_full_checkpoint = bool(save_full_checkpoint)
         self._medcare_sums: dict[str, Tensor] = {}
         self._medcare_counts: dict[str, int] = {}
+        self._medcare_added: Tensor | None = None  # the weighted term compute_loss added (detached)
 
     # ---- loss ---------------------------------------------------------------------------------------
 
@@ -82,16 +135,20 @@ class MedCareTrainer(Trainer):
                              "apply_stage1/to_stage2")
         return cfg
 
-    def _extra_loss_scale(self, num_items_in_batch: Any) -> float:
-        """1 / (micro-batches per step) when the Trainer will not divide the returned loss, else 1."""
+    def _loss_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Whether the Trainer takes the returned loss as already divided over the accumulated micro-batches."""
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (bool(self.model_accepts_loss_kwargs) and num_items_in_batch is not None) \
                 or self.compute_loss_func is not None
-        if not scaled:
-            return 1.0
-        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        return 1.0 / steps
+        return bool(scaled)
+
+    def _accumulation_steps(self) -> int:
+        return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+
+    def _extra_loss_scale(self, num_items_in_batch: Any) -> float:
+        """1 / (micro-batches per step) when the Trainer will not divide the returned loss, else 1."""
+        return 1.0 / self._accumulation_steps() if self._loss_scaled_for_ga(num_items_in_batch) else 1.0
 
     def medcare_extra_loss(self, attention_mask: Tensor | None = None) -> Tensor | None:
         """The weighted MedCare term of the current stage (None when its coefficient is 0); records metrics."""
@@ -114,8 +171,27 @@ class MedCareTrainer(Trainer):
         if model.training:
             extra = self.medcare_extra_loss(attention_mask)
             if extra is not None:
-                loss = loss + extra.to(loss.dtype) * self._extra_loss_scale(num_items_in_batch)
+                added = extra.to(loss.dtype) * self._extra_loss_scale(num_items_in_batch)
+                self._medcare_added = added.detach()
+                loss = loss + added
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None,
+                      *args: Any, **kwargs: Any) -> Tensor:
+        """``Trainer.training_step`` (backward of task loss + weighted terms); returns the task part alone.
+
+        The Trainer accumulates the returned value into the logged ``loss``; it divides the backward loss
+        by the accumulation steps exactly when :meth:`_loss_scaled_for_ga` is false, and so is the weighted
+        term subtracted here, so ``loss`` in the logs and ``trainer_state.json`` is the task loss.
+        """
+        self._medcare_added = None
+        loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+        added, self._medcare_added = self._medcare_added, None
+        if added is not None:
+            if not self._loss_scaled_for_ga(num_items_in_batch):
+                added = added / self._accumulation_steps()
+            loss = loss - added.to(device=loss.device, dtype=loss.dtype)
+        return loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._medcare_counts:
@@ -163,6 +239,15 @@ class MedCareTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, _TRAINING_ARGS_NAME))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` picks the newest complete checkpoint."""
+        if resume_from_checkpoint is True:
+            last = last_complete_checkpoint(self.args.output_dir)
+            if last is None:
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
+            resume_from_checkpoint = last
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @staticmethod
     def _adapter_only(checkpoint: str | None) -> bool:

@@ -4,7 +4,8 @@ Loads the base model (default: the one recorded in the adapter), rebuilds stage 
 stage-1 attention LoRA folded into the attention weights, base + orthogonal LoRA on the FFN linears), folds
 everything into the weights (:func:`medcare.merge_and_unload`) and writes the model (safetensors) and the
 tokenizer. The checkpoint loads with plain ``AutoModelForCausalLM.from_pretrained``: no medcare needed.
-The directory is written under a temporary name and renamed when complete.
+The directory is written under a temporary name and renamed when complete (what an interrupted merge left
+beside it is cleaned by the next one), with the permissions the umask gives.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medcare.cli._common import DTYPES, CLIError, load_causal_lm, quiet_to_stage2, say, write_dir_atomically
+from medcare.cli._common import (
+    DTYPES,
+    CLIError,
+    check_writable_dir,
+    disk_error,
+    load_causal_lm,
+    quiet_to_stage2,
+    say,
+    write_dir_atomically,
+)
 
 __all__ = ["main", "merge"]
 
@@ -36,6 +46,7 @@ def merge(stage2: str, output: str, model: str | None = None, tokenizer: str | N
         raise CLIError(f"--stage2 {stage2!r}: the adapter carries no MedCareConfig")
     if Path(output).resolve() == Path(stage2).resolve():
         raise CLIError("--output must differ from --stage2")
+    check_writable_dir(output, "--output")  # before the model loads
     base = model or meta.get("base_model") or ""
     if not base:
         raise CLIError("--model is required: the adapter does not record its base model")
@@ -60,7 +71,13 @@ def merge(stage2: str, output: str, model: str | None = None, tokenizer: str | N
         if tok is not None:
             tok.save_pretrained(tmp)
 
-    out = write_dir_atomically(output, write, overwrite=overwrite)
+    try:
+        out = write_dir_atomically(output, write, overwrite=overwrite)
+    except OSError as e:  # a full disk: one line; the partial directory is already removed
+        error = disk_error(e, "--output", output, "nothing was written; free space and rerun")
+        if error is None:
+            raise
+        raise error from e
     say(f"merged {stage2} into {base}: plain transformers checkpoint in {out}"
         + ("" if tok is not None else " (no tokenizer found to copy)"))
     return out

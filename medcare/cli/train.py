@@ -24,7 +24,10 @@ defaults; in stage 2 the stage-1 adapter's values), and every ``transformers.Tra
 import argparse
 import dataclasses
 import os
+import re
+import shutil
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,14 +35,19 @@ from typing import Any
 from medcare.cli._common import (
     DTYPES,
     CLIError,
+    check_writable_dir,
     count,
+    disk_error,
     load_causal_lm,
     load_tokenizer,
     local_path,
     quiet_to_stage2,
     say,
+    target_error,
 )
 from medcare.config import MedCareConfig
+from medcare.distributed import is_global_rank_zero
+from medcare.stages import TargetError
 
 __all__ = ["DataModelArguments", "MedCareArguments", "build_config", "main", "parse_args"]
 
@@ -100,9 +108,10 @@ class MedCareArguments:
     use_rslora: bool | None = field(default=None, metadata={**_help("rank-stabilised scale alpha/sqrt(r)",
                                                                          "use_rslora"), "nargs": "?", "const": True})
     ffn_targets: str | None = field(default=None, metadata=_help(
-        "comma-separated FFN linear names (MoLoRA in stage 1, orthogonal LoRA in stage 2)", "ffn_targets"))
+        "FFN linears (MoLoRA in stage 1, orthogonal LoRA in stage 2): comma-separated module-name suffixes "
+        "matched inside the layers, or 're:REGEX', a regular expression for the full module name", "ffn_targets"))
     attn_targets: str | None = field(default=None, metadata=_help(
-        "comma-separated attention linear names for the stage-1 LoRA; 'none' for no attention LoRA", "attn_targets",
+        "attention linears for the stage-1 LoRA, in the same forms; 'none' for no attention LoRA", "attn_targets",
         "unused"))
     orth_lambda: float | None = field(default=None, metadata=_help(
         "weight of the stage-2 orthogonality penalty (lambda)", "orth_lambda"))
@@ -115,13 +124,21 @@ class MedCareArguments:
     lora_dtype: str | None = field(default=None, metadata=_help(
         "dtype of the adapter parameters ('float32', 'bfloat16', ...; 'none': the base weights')", "lora_dtype"))
     layers_pattern: str | None = field(default=None, metadata=_help(
-        "name of the decoder-layer list (targets match only inside it)", "layers_pattern"))
+        "name of the numbered layer list (suffix targets match only inside it: layers, or layer for BERT)",
+        "layers_pattern"))
 
 
-def _names(value: str) -> tuple[str, ...]:
+def _names(value: str) -> tuple[str, ...] | str:
+    """``a,b`` -> suffixes ``("a", "b")``; ``re:PATTERN`` -> the regex ``PATTERN`` (no comma splitting)."""
+    if value.startswith("re:"):
+        return value[3:]
     if value.strip().lower() in ("", "none"):
         return ()
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _shown(targets: tuple[str, ...] | str) -> str:
+    return f"re:{targets}" if isinstance(targets, str) else ",".join(targets)
 
 
 def build_config(margs: MedCareArguments, stage1: dict | None = None, stage1_dir: str = "") -> MedCareConfig:
@@ -142,7 +159,7 @@ def build_config(margs: MedCareArguments, stage1: dict | None = None, stage1_dir
         values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stage1.items()}
         for key in STRUCTURAL:
             if key in given and key in values and given[key] != values[key]:
-                shown = ",".join(values[key]) if isinstance(values[key], tuple) else values[key]
+                shown = _shown(values[key]) if key.endswith("_targets") else values[key]
                 raise CLIError(f"--{key} {getattr(margs, key)} differs from the stage-1 adapter's {key}={shown} "
                                f"({stage1_dir}); stage 2 keeps the stage-1 value: leave --{key} out")
     values.update(given)
@@ -163,11 +180,47 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
+def _compat_arguments(training_arguments: type) -> type:
+    """Flags that this transformers' ``TrainingArguments`` lacks, so one command line works on 4.x and 5.x.
+
+    ``--warmup_ratio`` (transformers 5 folded it into ``--warmup_steps``: a float below 1 is a ratio there)
+    and ``--overwrite_output_dir`` (gone in 5; ``medcare train`` uses it to allow a reused ``--output_dir``).
+    """
+    have = {f.name for f in dataclasses.fields(training_arguments)}
+    fields: list[tuple[str, Any, Any]] = []
+    if "warmup_ratio" not in have:
+        fields.append(("warmup_ratio", float | None, field(default=None, metadata={
+            "help": "warmup over this fraction of the training steps, 0 <= ratio < 1 (the same as --warmup_steps "
+                    "with a float below 1)"})))
+    if "overwrite_output_dir" not in have:
+        fields.append(("overwrite_output_dir", bool, field(default=False, metadata={
+            "help": "train into an --output_dir that holds another run's files (its checkpoint-* directories "
+                    "are deleted first, so --resume_from_checkpoint last cannot pick them up)"})))
+    return dataclasses.make_dataclass("CompatArguments", fields)
+
+
+def _apply_compat(extra: Any, targs: Any) -> None:
+    ratio = getattr(extra, "warmup_ratio", None)
+    if ratio is not None:
+        if not 0 <= ratio < 1:
+            raise CLIError(f"--warmup_ratio must satisfy 0 <= ratio < 1, got {ratio}")
+        if targs.warmup_steps:
+            raise CLIError("give --warmup_ratio or --warmup_steps, not both")
+        targs.warmup_steps = ratio  # transformers 5: a warmup_steps below 1 is a ratio of the total steps
+    if hasattr(extra, "overwrite_output_dir"):
+        targs.overwrite_output_dir = extra.overwrite_output_dir
+
+
 def parse_args(argv: list[str]) -> tuple[DataModelArguments, MedCareArguments, Any]:
-    """``(data/model, MedCare, TrainingArguments)`` from the command line or one JSON/YAML options file."""
+    """``(data/model, MedCare, TrainingArguments)`` from the command line or one JSON/YAML options file.
+
+    The ``TrainingArguments`` always has ``overwrite_output_dir`` (an attribute set here where transformers
+    5 dropped the field), and ``--warmup_ratio`` works on every supported transformers.
+    """
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((DataModelArguments, MedCareArguments, TrainingArguments),
+    parser = HfArgumentParser((DataModelArguments, MedCareArguments, TrainingArguments,
+                               _compat_arguments(TrainingArguments)),
                               prog="medcare train", description=__doc__, formatter_class=_HelpFormatter)
     try:
         if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
@@ -175,35 +228,100 @@ def parse_args(argv: list[str]) -> tuple[DataModelArguments, MedCareArguments, A
             if not os.path.isfile(path):
                 raise CLIError(f"options file {argv[0]!r} does not exist")
             if path.endswith(".json"):
-                dargs, margs, targs = parser.parse_json_file(path)
+                dargs, margs, targs, extra = parser.parse_json_file(path)
             else:
-                dargs, margs, targs = parser.parse_yaml_file(path)
+                dargs, margs, targs, extra = parser.parse_yaml_file(path)
             given_output = targs.output_dir not in (None, "trainer_output")
         else:
-            dargs, margs, targs = parser.parse_args_into_dataclasses(args=argv)
+            dargs, margs, targs, extra = parser.parse_args_into_dataclasses(args=argv)
             given_output = any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in argv)
     except ValueError as e:  # TrainingArguments.__post_init__ and the options file's own checks
         raise CLIError(str(e)) from e
+    _apply_compat(extra, targs)
     if not given_output:
         raise CLIError("--output_dir is required (where the adapter and checkpoints are written)")
     return dargs, margs, targs
 
 
+def _resuming(targs: Any) -> bool:
+    return bool(targs.resume_from_checkpoint)
+
+
 def _resume_checkpoint(targs: Any) -> str | None:
+    """The checkpoint to resume: ``last`` is the newest *complete* ``checkpoint-N`` of ``--output_dir``."""
+    from medcare.trainer import checkpoint_problem, last_complete_checkpoint
+
     value = targs.resume_from_checkpoint
     if not value:
         return None
     if str(value).lower() in ("last", "latest", "true"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(targs.output_dir) if os.path.isdir(targs.output_dir) else None
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            last = last_complete_checkpoint(targs.output_dir)
+        for w in skipped:
+            say(str(w.message))
         if last is None:
-            raise CLIError(f"--resume_from_checkpoint {value}: no checkpoint-* directory in --output_dir "
-                           f"{targs.output_dir!r}")
+            raise CLIError(f"--resume_from_checkpoint {value}: no complete checkpoint-* directory in --output_dir "
+                           f"{targs.output_dir!r}" + (f" ({len(skipped)} incomplete)" if skipped else ""))
         return last
     if not os.path.isdir(value):
         raise CLIError(f"--resume_from_checkpoint {value!r} is not a directory")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise CLIError(f"--resume_from_checkpoint {value!r} is incomplete ({problem}: an interrupted save); "
+                       f"pass an earlier checkpoint or 'last'")
     return value
+
+
+#: What a training run writes at the top of its --output_dir (a directory holding any of them is a run's).
+_RUN_FILES = ("adapter.safetensors", "medcare_config.json", "trainer_state.json", "training_args.bin",
+              "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "train_results.json")
+
+
+def _prepare_output_dir(targs: Any) -> None:
+    """Before anything loads: ``--output_dir`` is writable and holds no other run, unless told otherwise.
+
+    A directory with another run's files (:data:`_RUN_FILES`, ``checkpoint-N/``) is refused unless the run
+    resumes (``--resume_from_checkpoint``) or ``--overwrite_output_dir`` is given; then the old
+    ``checkpoint-N/`` are deleted (rank 0), so ``--resume_from_checkpoint last`` can never take the old run's.
+    The temporary files of interrupted adapter saves are removed.
+    """
+    from medcare.adapters import remove_interrupted_writes
+
+    out = check_writable_dir(targs.output_dir, "--output_dir")
+    if not out.is_dir():
+        return
+    checkpoints = sorted(p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name))
+    found = [p.name for p in checkpoints] + [n for n in _RUN_FILES if (out / n).exists()]
+    if found and not _resuming(targs):
+        if not getattr(targs, "overwrite_output_dir", False):
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise CLIError(f"--output_dir {targs.output_dir!r} holds another run ({shown}): pass "
+                           f"--resume_from_checkpoint last to continue it, --overwrite_output_dir to replace it, "
+                           f"or choose a new --output_dir")
+        if is_global_rank_zero():
+            for p in checkpoints:
+                shutil.rmtree(p)
+            say(f"--overwrite_output_dir: removed the previous run's {len(checkpoints)} checkpoint(s) from {out}")
+    if is_global_rank_zero():
+        for d in [out, *checkpoints]:
+            if d.is_dir():
+                remove_interrupted_writes(d)
+
+
+def _check_backend(backend: str, targs: Any) -> None:
+    """``--backend NAME`` must run on this machine: checked before the model loads, not at the first step."""
+    if backend == "auto":
+        return
+    import torch
+
+    import medcare_kernels as mk
+
+    device = "cpu" if getattr(targs, "use_cpu", False) or not torch.cuda.is_available() else "cuda"
+    available = mk.available_backends(device)
+    if backend not in available:
+        raise CLIError(f"--backend {backend} cannot run on this machine's {device} (available here: "
+                       f"{', '.join(available)}; `medcare info` says why): choose one of those or 'auto'")
 
 
 def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] | None = None,
@@ -223,6 +341,7 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] | None = Non
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     dargs, margs, targs = parse_args(argv)
+    _prepare_output_dir(targs)
 
     import transformers
 
@@ -253,10 +372,15 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] | None = Non
     cfg = build_config(margs, stage1_meta["config"] if stage1_meta else None, dargs.from_stage1 or "")
     if dargs.max_length < 2:
         raise CLIError(f"--max_length must be >= 2, got {dargs.max_length}")
+    _check_backend(cfg.backend, targs)
 
     # data first: a malformed file fails before a large model loads
     tokenizer = load_tokenizer(dargs.tokenizer or local_path(model_path), dargs.trust_remote_code,
                                "--tokenizer" if dargs.tokenizer else "--model")
+    if dargs.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        source = f"--tokenizer {dargs.tokenizer!r}" if dargs.tokenizer else f"--model {model_path!r}"
+        raise CLIError(f"--template chat: the tokenizer of {source} has no chat template; use --template plain "
+                       f"(or auto, which picks plain here)")
     train_ds = build_dataset(dargs.data, tokenizer, dargs.template, dargs.max_length)
     eval_ds = build_dataset(dargs.eval_data, tokenizer, dargs.template, dargs.max_length) if dargs.eval_data else None
     say(f"data: {len(train_ds)} examples, {train_ds.num_tokens} tokens ({train_ds.num_response_tokens} in responses"
@@ -268,18 +392,21 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] | None = Non
     # weights while it loads (deepspeed.zero.Init), which needs the group
     _ = targs.device
     model = load_causal_lm(model_path, dargs.model_dtype, dargs.attn_implementation, dargs.trust_remote_code)
-    if dargs.stage == 1:
-        apply_stage1(model, cfg)
-    else:
-        quiet_to_stage2(model, cfg)
-        load_adapter(model, dargs.from_stage1)
+    try:
+        if dargs.stage == 1:
+            apply_stage1(model, cfg)
+        else:
+            quiet_to_stage2(model, cfg)
+            load_adapter(model, dargs.from_stage1)
+    except TargetError as e:
+        raise target_error(e) from e
     if model_hook is not None:
         model_hook(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     what = (f"MoLoRA (E={cfg.num_experts}, r={cfg.r}, top-{cfg.top_k}, {cfg.num_shared} shared) on "
-            f"{','.join(cfg.ffn_targets)}, LoRA on {','.join(cfg.attn_targets) or 'nothing'}" if dargs.stage == 1 else
-            f"orthogonal LoRA (rank {cfg.shared_rank}, lambda={cfg.orth_lambda:g}) on {','.join(cfg.ffn_targets)} "
+            f"{_shown(cfg.ffn_targets)}, LoRA on {_shown(cfg.attn_targets) or 'nothing'}" if dargs.stage == 1 else
+            f"orthogonal LoRA (rank {cfg.shared_rank}, lambda={cfg.orth_lambda:g}) on {_shown(cfg.ffn_targets)} "
             f"over the stage-1 shared experts of {dargs.from_stage1}")
     say(f"stage {dargs.stage}: {model_path}: {what}; {count(trainable)} of {count(total)} parameters train")
 
@@ -290,15 +417,22 @@ def main(argv: list[str] | None = None, *, callbacks: Sequence[Any] | None = Non
                                  callbacks=list(callbacks) if callbacks else None)
     except ValueError as e:  # the Trainer's checks of the arguments, e.g. --eval_strategy without --eval_data
         raise CLIError(str(e)) from e
-    result = trainer.train(resume_from_checkpoint=_resume_checkpoint(targs))
-    trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    if eval_ds is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    try:
+        result = trainer.train(resume_from_checkpoint=_resume_checkpoint(targs))
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        if eval_ds is not None:
+            metrics = trainer.evaluate()
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
+    except OSError as e:  # a full disk or a permission change mid-run: one line, and how to go on
+        error = disk_error(e, "into --output_dir", targs.output_dir, "the last complete checkpoint is kept: free "
+                           "space (or fix the permissions) and rerun with --resume_from_checkpoint last")
+        if error is None:
+            raise
+        raise error from e
     out = targs.output_dir
     if dargs.stage == 1:
         say(f"stage-1 adapter written to {out}; next: medcare train --stage 2 --from-stage1 {out} --data FILE "

@@ -157,3 +157,17 @@ def test_options_from_a_json_file(tmp_path):
         parse_args([str(path)])
     with pytest.raises(CLIError, match="options file .* does not exist"):
         parse_args([str(tmp_path / "none.yaml")])
+
+
+def test_target_flags_take_suffixes_or_a_re_prefixed_regex():
+    cfg = build_config(MedCareArguments(ffn_targets=r"re:model\.layers\.\d+\.mlp\.(gate|up)_proj", attn_targets="none"))
+    assert cfg.ffn_targets == r"model\.layers\.\d+\.mlp\.(gate|up)_proj" and cfg.attn_targets == ()
+    cfg = build_config(MedCareArguments(ffn_targets="re:.*\\.dense{1,2}", attn_targets="q_proj, v_proj"))
+    assert cfg.ffn_targets == ".*\\.dense{1,2}" and cfg.attn_targets == ("q_proj", "v_proj")  # no comma split
+    with pytest.raises(CLIError, match="invalid MedCare option: ffn_targets is a string, i.e. a regular expression"):
+        build_config(MedCareArguments(ffn_targets="re:mlp.(gate"))
+    stage1 = MedCareConfig(ffn_targets=r"model\.layers\.\d+\.mlp\.up_proj").to_dict()
+    with pytest.raises(CLIError, match=r"--ffn_targets gate_proj differs from the stage-1 adapter's "
+                                       r"ffn_targets=re:model"):
+        build_config(MedCareArguments(ffn_targets="gate_proj"), stage1, "s1")
+    assert build_config(MedCareArguments(), stage1, "s1").ffn_targets == r"model\.layers\.\d+\.mlp\.up_proj"

@@ -10,7 +10,7 @@ import torch
 
 from medcare import MedCareTrainer, apply_stage1, save_adapter
 from medcare.adapters import ADAPTER_WEIGHTS_NAME
-from medcare.distributed import copy_full_, full_params, gathered, is_main_process, is_sharded, param_shape
+from medcare.distributed import copy_full_, full_params, gathered, is_global_rank_zero, is_sharded, param_shape
 from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear
 from tests.model.tiny import small_config, tiny_model
 
@@ -53,7 +53,7 @@ def test_trainer_runs_ddp_without_find_unused_parameters(tmp_path):
 
 def test_save_adapter_writes_only_on_the_main_process(tmp_path):
     model = apply_stage1(tiny_model("qwen2"), small_config())
-    assert is_main_process()  # no process group here
+    assert is_global_rank_zero()  # no process group here
     save_adapter(model, tmp_path / "no", is_main_process=False)
     assert not (tmp_path / "no" / ADAPTER_WEIGHTS_NAME).exists()
     save_adapter(model, tmp_path / "yes")
@@ -74,3 +74,13 @@ def test_helpers_leave_whole_parameters_alone():
     m = MoLoRALinear(q, None, small_config())  # wraps it (apply_stage1 after from_pretrained under zero.Init)
     assert (m.out_features, m.in_features) == (5, 6)
     assert m.lora_A.shape == (4, 4, 6) and m.lora_B.shape == (4, 5, 4) and m.router.weight.shape == (4, 6)
+
+
+@pytest.mark.parametrize("rank, expected", [(None, True), ("0", True), ("1", False), ("3", False)])
+def test_global_rank_zero_reads_the_launcher_rank_before_the_process_group_exists(monkeypatch, rank, expected):
+    assert not torch.distributed.is_initialized()
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    assert is_global_rank_zero() is expected

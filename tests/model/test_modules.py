@@ -168,7 +168,9 @@ def test_orth_lora_linear_matches_float64_formula_and_trains_only_orth():
     lin = nn.Linear(10, 6)
     base_A, base_B = torch.randn(6, 10), torch.randn(6, 6)
     m = OrthLoRALinear.from_linear(lin, cfg, base_A=base_A, base_B=base_B)
-    assert m.rank == 6 and m.orth_A.shape == (6, 10) and m.orth_B.shape == (6, 6)
+    assert m.shared_rank == 6 and m.orth_A.shape == (6, 10) and m.orth_B.shape == (6, 6)
+    with pytest.deprecated_call(match="use OrthLoRALinear.shared_rank"):
+        assert m.rank == 6
     assert torch.all(m.orth_B == 0) and torch.equal(m.base_A, base_A)
     assert not m.base_A.requires_grad and m.orth_A.requires_grad
     with torch.no_grad():

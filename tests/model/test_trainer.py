@@ -148,3 +148,52 @@ def test_extra_terms_are_off_in_evaluation_and_with_zero_coefficients(tmp_path):
     torch.testing.assert_close(loss, expect, rtol=1e-5, atol=1e-5)
     model.eval()
     torch.testing.assert_close(with_lambda.compute_loss(model, dict(batch)), model(**batch).loss)
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs, accumulation", [(True, 1), (True, 2), (False, 2)])
+def test_logged_loss_is_the_task_loss_and_the_penalty_is_logged_beside_it(tmp_path, accepts_loss_kwargs,
+                                                                          accumulation):
+    """The first logged step comes before any update: its loss is the same with and without the penalty."""
+    import json
+
+    kw = dict(per_device_train_batch_size=4 // accumulation, gradient_accumulation_steps=accumulation, max_steps=2,
+              accepts_loss_kwargs=accepts_loss_kwargs)
+    with_penalty = train(stage2_model(orth_lambda=50.0), tmp_path / "a", dataset(8), **kw)
+    without = train(stage2_model(orth_lambda=0.0), tmp_path / "b", dataset(8), **kw)
+    logged = [h for h in with_penalty.state.log_history if "loss" in h]
+    plain = [h for h in without.state.log_history if "loss" in h]
+    assert logged[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert logged[0]["orth_penalty"] == pytest.approx(plain[0]["orth_penalty"], rel=1e-5)
+    assert 50.0 * logged[0]["orth_penalty"] > 10 * logged[0]["loss"]  # the penalty would dominate a total
+    with_penalty.save_state()
+    state = json.loads((tmp_path / "a" / "trainer_state.json").read_text())
+    first = [h for h in state["log_history"] if "loss" in h][0]
+    assert first["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5) and "orth_penalty" in first
+
+
+def test_resume_true_takes_the_newest_complete_checkpoint(tmp_path):
+    from medcare.trainer import last_complete_checkpoint
+
+    trainer = train(stage2_model(), tmp_path, dataset(8), max_steps=4, save_strategy="steps", save_steps=1)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "log_hi')  # cut mid-write
+    os.remove(tmp_path / "checkpoint-3" / "trainer_state.json")  # killed before the state was written
+    with open(tmp_path / "checkpoint-2" / ADAPTER_WEIGHTS_NAME, "r+b") as f:  # a torn adapter
+        f.truncate(100)
+    import json
+
+    state_file = tmp_path / "checkpoint-1" / "trainer_state.json"  # mark the one that must be taken
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["marker"] = "checkpoint-1"
+    state_file.write_text(json.dumps(state))
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint") as record:
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert len(record) == 3
+    resumed = MedCareTrainer(model=stage2_model(), args=args(tmp_path, max_steps=4, save_strategy="no"),
+                             train_dataset=dataset(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert resumed.state.log_history[0].get("marker") == "checkpoint-1"  # it went on from there
+    del trainer
