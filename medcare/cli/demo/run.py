@@ -74,6 +74,8 @@ def _run(out: Path, seed: int, size: str, spec: DemoSize, steps1: int, steps2: i
     base_dir = out / "base-model"
     write_dir_atomically(base_dir, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)),
                          overwrite=True, what="base model")
+    # the adapters record where their base model is (save_adapter reads it), so stage1/ and stage2/ load alone
+    model.config.name_or_path = str(base_dir.resolve())
     model.to(device)
     say(f"tokenizer: byte-level BPE, {len(tokenizer)} tokens; model: Qwen2, {spec.num_layers} layers, hidden "
         f"{spec.hidden_size}, {n_params / 1e6:.2f}M parameters (random init, seed {seed}); device {device}, "
