@@ -26,6 +26,7 @@ from medcare.cli.demo.evaluate import evaluate, generate
 from medcare.cli.demo.model import (
     CHAT_TEMPLATE,
     DATA_FILES,
+    HELD_OUT_MC,
     SIZES,
     SPECIAL_TOKENS,
     DemoSize,
@@ -36,8 +37,9 @@ from medcare.cli.demo.model import (
 from medcare.cli.demo.report import render_summary
 from medcare.cli.demo.run import run_demo
 
-__all__ = ["CHAT_TEMPLATE", "DATA_FILES", "SIZES", "SPECIAL_TOKENS", "DemoSize", "build_model", "build_tokenizer",
-           "data_file", "evaluate", "generate", "main", "recording_backends", "render_summary", "run_demo"]
+__all__ = ["CHAT_TEMPLATE", "DATA_FILES", "HELD_OUT_MC", "SIZES", "SPECIAL_TOKENS", "DemoSize", "build_model",
+           "build_tokenizer", "data_file", "evaluate", "generate", "main", "recording_backends", "render_summary",
+           "run_demo"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ from typing import Any
 
 from medcare.cli._common import CLIError
 
-__all__ = ["CHAT_TEMPLATE", "DATA_FILES", "SIZES", "SPECIAL_TOKENS", "DemoSize", "build_model", "build_tokenizer",
-           "data_file"]
+__all__ = ["CHAT_TEMPLATE", "DATA_FILES", "HELD_OUT_MC", "SIZES", "SPECIAL_TOKENS", "DemoSize", "build_model",
+           "build_tokenizer", "data_file"]
 
 #: ChatML, as Qwen2 chat models use it; the demo tokenizer carries it, so the chat-template path is exercised.
 CHAT_TEMPLATE = (
@@ -23,6 +23,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
                 r"""|\s+(?!\S)|\s+""")
 DATA_FILES = {"stage1": "stage1_knowledge.jsonl", "stage2": "stage2_triage.jsonl", "held_out": "held_out.jsonl"}
+#: the held-out multiple-choice set (MedQA-style records, read by medcare.eval, not by medcare train)
+HELD_OUT_MC = "held_out_mc.jsonl"
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ SIZES = {
 
 
 def data_file(name: str) -> Path:
-    """Path of an embedded data file (``stage1_knowledge.jsonl``, ``stage2_triage.jsonl``, ``held_out.jsonl``)."""
+    """Path of an embedded data file (``stage1_knowledge.jsonl``, ``stage2_triage.jsonl``, ``held_out.jsonl``,
+    ``held_out_mc.jsonl``)."""
     path = Path(str(resources.files("medcare.data").joinpath(name)))
     if not path.is_file():
         raise CLIError(f"the embedded demo data {name} is missing from the installation ({path})")
