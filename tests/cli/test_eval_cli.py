@@ -70,7 +70,7 @@ def test_eval_stage1_dir_writes_results_predictions_and_prints_the_table(tmp_pat
     assert sum(p["correct"] for p in preds if p["file"] == str(data["mc"])) == acc
 
 
-def test_stage2_dir_and_its_merged_checkpoint_agree(tmp_path, stage_dirs, data):
+def test_stage2_dir_its_merged_checkpoint_and_base_plus_adapter_agree(tmp_path, stage_dirs, data, tiny_model_dir):
     results = {}
     for name in ("s2", "merged"):
         check(run_cli("eval", "--model", str(stage_dirs / name), "--data", str(data["mc"]), "--method", "generate",
@@ -78,6 +78,21 @@ def test_stage2_dir_and_its_merged_checkpoint_agree(tmp_path, stage_dirs, data):
         results[name] = [json.loads(x) for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
     assert [p["output"] for p in results["s2"]] == [p["output"] for p in results["merged"]]
     assert json.loads((tmp_path / "s2" / "results.json").read_text())["kind"] == "stage2"
+    # --model BASE --adapter DIR, in-process: the same replies
+    from medcare.cli import main
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(stage_dirs / "s2"), "--data",
+                 str(data["mc"]), "--method", "generate", "--max_new_tokens", "6", "--output", str(tmp_path / "ad"),
+                 "--no_progress"]) == 0
+    explicit = [json.loads(x) for x in (tmp_path / "ad" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["output"] for p in explicit] == [p["output"] for p in results["s2"]]
+
+
+def test_bf16_in_process(capsys, stage_dirs, data):
+    from medcare.cli import main
+
+    assert main(["eval", "--model", str(stage_dirs / "s1"), "--data", str(data["mc"]), "--bf16", "--no_progress"]) == 0
+    assert "| mc.jsonl | 8 | loglik |" in capsys.readouterr().out
 
 
 def test_experts_by_subject_writes_json_and_heat_map(tmp_path, stage_dirs, data):

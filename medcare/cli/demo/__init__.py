@@ -9,9 +9,13 @@
    orthogonal LoRA on the structured triage notes with the orthogonality penalty (lambda=1).
 4. ``merge_and_unload``: a plain transformers checkpoint in ``DIR/final-model``, reloaded with plain
    transformers to answer a held-out question and write a held-out triage note.
+5. ``medcare eval`` (:mod:`medcare.eval`) on ``DIR/base-model``, the stage-1 adapter ``DIR/stage1`` (its recorded
+   base model) and ``DIR/final-model``: the held-out multiple-choice set (loglik) and the held-out triage note
+   (exact match, ROUGE-L); results per model in ``DIR/eval/<model>/``.
 
 Prints and writes (``DIR/summary.md``, ``DIR/summary.json``) a summary table: task losses before and after
-each stage, the penalty before and after stage 2, the expert load per layer, tokens/s, the backend used;
+each stage, the penalty before and after stage 2, the expert load per layer, tokens/s, the backend used, the
+held-out accuracy of the base, stage-1 and final models;
 plots the loss curves and the expert load (``DIR/loss_curves.png``, ``DIR/expert_load.png``). Deterministic
 for a given ``--seed`` on one machine and thread count.
 """

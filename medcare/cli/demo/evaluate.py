@@ -57,3 +57,31 @@ def generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def evaluate_held_out(models: dict[str, Any], device: str, max_new_tokens: int, out: Any) -> dict[str, Any]:
+    """``medcare eval`` on the demo's saved models (``{label: directory}``; adapters load through the base model
+    they record): the held-out multiple-choice set by loglik and the held-out triage note by exact match and
+    ROUGE-L. Writes each model's ``results.json``/``results.md``/``predictions.jsonl`` under ``out/<label>``."""
+    from medcare.cli.demo.model import DATA_FILES, HELD_OUT_MC, data_file
+    from medcare.eval import EvalOptions, evaluate_items, load_eval_items, load_for_eval, summarize, write_results
+
+    mc_file, note_file = data_file(HELD_OUT_MC), data_file(DATA_FILES["held_out"])
+    mc = load_eval_items(mc_file)
+    note = [it for it in load_eval_items(note_file) if it.reference.startswith("TRIAGE NOTE")]
+    result: dict[str, Any] = {"mc_items": len(mc), "mc_method": "loglik", "models": {}}
+    for label, path in models.items():
+        loaded = load_for_eval(str(path), device=device)
+        preds = evaluate_items(loaded.model, loaded.tokenizer, mc, EvalOptions(method="loglik"), desc=label)
+        preds += evaluate_items(loaded.model, loaded.tokenizer, note,
+                                EvalOptions(max_new_tokens=max_new_tokens), desc=label)
+        res = summarize(preds, [str(mc_file), str(note_file)], {"model": loaded.description, "kind": loaded.kind})
+        write_results(out / label, res, preds)
+        choice, opened = res["files"][str(mc_file)]["choice"], res["files"][str(note_file)]["open"]
+        result["models"][label] = {
+            "model": loaded.description, "accuracy": choice["accuracy"], "correct": choice["correct"],
+            "n": choice["n"], "ci95": choice["ci95"],
+            "subjects": {s: [a["correct"], a["n"]] for s, a in res["files"][str(mc_file)]["subjects"].items()},
+            "triage_exact_match": bool(opened["exact_match_count"]), "triage_rouge_l": opened["rouge_l"],
+            "triage_reply": preds[-1]["output"]}
+    return result

@@ -84,6 +84,8 @@ def render_summary(s: dict[str, Any]) -> str:
                       "max/mean = 1.00 is perfectly balanced):"), "",
                   f"| layer | {' '.join(f'e{i:<2}' for i in range(E))} | max/mean |", "|---|---|---|"]
         lines += _expert_rows(s["expert_load"])
+    if s.get("evaluation"):
+        lines += ["", *_evaluation_lines(s["evaluation"])]
     g = s["generations"]
     lines += ["", ("Generations (greedy) of the merged model reloaded with plain transformers "
                   f"(max logit difference to the in-memory model: {s['reload_max_logit_diff']:.1e}):"), "",
@@ -91,7 +93,8 @@ def render_summary(s: dict[str, Any]) -> str:
               f"* held-out triage case: {g['triage']['prompt']}",
               "", "```", g["triage"]["reply"], "```", "", "reference:", "", "```", g["triage"]["reference"], "```",
               "", f"Outputs in {Path(s['outputs']['final_model']).parent}: base-model/, stage1/ and stage2/ "
-                  "(adapters), final-model/ (plain transformers checkpoint), summary.md, summary.json"
+                  "(adapters), final-model/ (plain transformers checkpoint), eval/ (medcare eval results per "
+                  "model), summary.md, summary.json"
                   + (", " + ", ".join(s["plots"]) if s.get("plots") else "") + ".",
               f"Time: {s.get('wall_s', 0):.0f} s (after Python start-up and imports)."]
     return "\n".join(lines)
@@ -106,4 +109,27 @@ def _knowledge_lines(g: dict[str, Any]) -> list[str]:
                       f"  * after stage 1: {g[key]['after_stage1']!r}",
                       f"  * final model:   {g[key]['final']!r}",
                       f"  * reference:     {g[key]['reference']!r}"]
+    return lines
+
+
+_EVAL_LABELS = {"base": "base (random init)", "stage1": "stage 1 (routed experts)", "final": "final (merged)"}
+
+
+def _evaluation_lines(ev: dict[str, Any]) -> list[str]:
+    """The held-out evaluation table: multiple-choice accuracy (loglik) and the triage note, per model."""
+    models = ev["models"]
+    lines = [(f"Held-out evaluation (medcare eval on each saved model: {ev['mc_items']} multiple-choice questions "
+              f"over the stage-1 facts, reworded, by {ev['mc_method']} (chance 25%); the held-out triage note by "
+              "exact match and ROUGE-L):"), "",
+             "| model | multiple choice | 95% CI | triage note exact match | triage ROUGE-L |", "|---|---|---|---|---|"]
+    for label, m in models.items():
+        lines.append(f"| {_EVAL_LABELS.get(label, label)} | {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}) "
+                     f"| [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}] "
+                     f"| {'yes' if m['triage_exact_match'] else 'no'} | {m['triage_rouge_l']:.3f} |")
+    subjects = list(next(iter(models.values()))["subjects"])
+    lines += ["", "| subject | " + " | ".join(_EVAL_LABELS.get(k, k) for k in models) + " |",
+              "|---|" + "---|" * len(models)]
+    for subject in subjects:
+        cells = " | ".join(f"{m['subjects'][subject][0]}/{m['subjects'][subject][1]}" for m in models.values())
+        lines.append(f"| {subject} | {cells} |")
     return lines

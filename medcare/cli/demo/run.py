@@ -10,7 +10,7 @@ from typing import Any
 
 from medcare.cli._common import CLIError, write_dir_atomically
 from medcare.cli.demo.backends import recording_backends
-from medcare.cli.demo.evaluate import evaluate, generate
+from medcare.cli.demo.evaluate import evaluate, evaluate_held_out, generate
 from medcare.cli.demo.model import DATA_FILES, SIZES, DemoSize, build_model, build_tokenizer, data_file
 from medcare.cli.demo.plots import plot_summary
 from medcare.cli.demo.report import machine, render_summary, versions
@@ -129,6 +129,10 @@ def _run(out: Path, seed: int, size: str, spec: DemoSize, steps1: int, steps2: i
         reload_diff = float((merged(check_ids).logits - plain(check_ids).logits).abs().max())
     final = {k: generate(plain, tokenizer, ex.messages[:-1], spec.max_new_tokens) for k, ex in probes.items()}
     answer_triage = generate(plain, tokenizer, q_triage, spec.max_new_tokens)
+    # medcare eval on the saved base, stage-1 and final models, each loaded from its directory alone
+    say("evaluating the base, stage-1 and final models on the held-out multiple-choice set and triage note")
+    held_out_eval = evaluate_held_out({"base": base_dir, "stage1": out / "stage1", "final": merged_dir}, device,
+                                      spec.max_new_tokens, out / "eval")
 
     summary = {
         "seed": seed, "size": size, "device": device, "threads": torch.get_num_threads(),
@@ -146,6 +150,7 @@ def _run(out: Path, seed: int, size: str, spec: DemoSize, steps1: int, steps2: i
                    "knowledge_loss_after": s1_after_stage2, "lr": spec.stage2_lr, **train2},
         "expert_load": load,
         "reload_max_logit_diff": reload_diff,
+        "evaluation": held_out_eval,
         "generations": {
             **{f"knowledge_{k}": {"prompt": ex.messages[-2]["content"], "after_stage1": after_stage1[k],
                                   "final": final[k], "reference": ex.messages[-1]["content"]}
@@ -154,7 +159,7 @@ def _run(out: Path, seed: int, size: str, spec: DemoSize, steps1: int, steps2: i
                        "reference": held[1].messages[-1]["content"]},
         },
         "outputs": {"base_model": str(base_dir), "stage1_adapter": str(out / "stage1"),
-                    "stage2_adapter": str(out / "stage2"), "final_model": str(merged_dir)},
+                    "stage2_adapter": str(out / "stage2"), "final_model": str(merged_dir), "eval": str(out / "eval")},
     }
     if plots:
         summary["plots"] = plot_summary(summary, out)
