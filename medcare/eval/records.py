@@ -113,14 +113,14 @@ def _letters_of(value: Any, letters: Sequence[str], where: str, key: str, texts:
             s = v.strip()
             if s.isdigit() and index_base is not None:
                 return one(int(s))
-            compact = re.sub(r"[\s,;、&]|and", "", s) if len(s) <= 3 * len(letters) else s
+            folded = [t.strip().casefold() for t in texts]
+            if s.casefold() in folded:  # an option's own text first: "ACE" may be a drug class, not A, C and E
+                return [letters[folded.index(s.casefold())]]
+            compact = re.sub(r"[\s,;、&]|\band\b", "", s) if len(s) <= 3 * len(letters) else s
             if compact and compact.upper() == compact and all(c in letters for c in compact):
                 return list(compact)
             if len(compact) == 1 and compact.upper() in letters:
                 return [compact.upper()]
-            folded = [t.strip().casefold() for t in texts]
-            if s.casefold() in folded:
-                return [letters[folded.index(s.casefold())]]
         raise DataFormatError(where, f'"{key}" {_short(v)} is neither an option letter ({", ".join(letters)})'
                                      + (", an index" if index_base is not None else "")
                                      + (" nor the text of an option" if texts else ""))
@@ -230,6 +230,9 @@ def parse_eval_record(record: Any, where: str, subject_field: str | None = None,
     if fmt == "instruction":
         messages = parse_record(record, where)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        if messages[last - 1]["role"] != "user":
+            raise DataFormatError(where, "the last assistant turn (the reference) must follow a user turn (the "
+                                         "question)")
         prior, user = messages[: last - 1], messages[last - 1]
         return EvalItem(question=user["content"], reference=messages[last]["content"], messages=prior, **common)
     if fmt == "pubmedqa":

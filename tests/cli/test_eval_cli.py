@@ -60,7 +60,8 @@ def test_eval_stage1_dir_writes_results_predictions_and_prints_the_table(tmp_pat
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "stage1" and set(res["files"]) == {str(data["mc"]), str(data["mixed"]), str(data["open"])}
     mc = res["files"][str(data["mc"])]
-    assert mc["choice"]["n"] == 8 and 0 <= mc["choice"]["ci95"][0] <= mc["choice"]["accuracy"] <= mc["choice"]["ci95"][1]
+    c = mc["choice"]
+    assert c["n"] == 8 and 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1]
     assert len(mc["subjects"]) >= 2 and sum(s["n"] for s in mc["subjects"].values()) == 8
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 8 + 3 + 2 and all("where" in p and "method" in p for p in preds)

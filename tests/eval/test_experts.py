@@ -86,7 +86,8 @@ def test_groups_by_a_record_field_add_up_to_the_whole(stage1, tmp_path):
     stats = routing_statistics(model, tok, items, by="subject", batch_size=5, progress=False)
     groups = stats["groups"]
     assert set(groups) == {it.subject for it in items}
-    assert sum(g["items"] for g in groups.values()) == 16 and sum(g["tokens"] for g in groups.values()) == stats["tokens"]
+    assert sum(g["items"] for g in groups.values()) == 16
+    assert sum(g["tokens"] for g in groups.values()) == stats["tokens"]
     for name, layer in stats["layers"].items():
         total = sum(torch.tensor(g["layers"][name]["load"]) * g["layers"][name]["choices"] for g in groups.values())
         assert torch.allclose(total, torch.tensor(layer["load"]) * layer["choices"], atol=1e-6)

@@ -18,6 +18,9 @@ CASES = {
                           "meta_info": "step1"}, ("medqa", OPTS, ("B",), "a biguanide", "step1")),
     "medqa answer text": ({"question": "Q", "options": OPTS, "answer": "A loop diuretic"},
                           ("medqa", OPTS, ("C",), "a loop diuretic", None)),
+    "medqa answer text that looks like letters": (
+        {"question": "Q", "options": {"A": "ARB", "B": "ACE", "C": "band", "D": "CCB", "E": "BB"}, "answer": "ACE"},
+        ("medqa", {"A": "ARB", "B": "ACE", "C": "band", "D": "CCB", "E": "BB"}, ("B",), "ACE", None)),
     "medqa multi (CMExam)": ({"question": "Q", "options": OPTS, "answer": "ACD", "subject": "pharm"},
                              ("medqa", OPTS, ("A", "C", "D"), "a statin; a loop diuretic; a beta blocker", "pharm")),
     "medqa options list": ({"question": "Q", "options": list(OPTS.values()), "answer_idx": ["D", "b"]},
@@ -100,6 +103,9 @@ MALFORMED = [
     ({"prompt": "Q", "completion": "R"}, r"unknown evaluation record: expected MedQA-style"),
     ({"conversations": [{"from": "doctor", "value": "x"}]}, r"unknown \"from\" 'doctor'"),
     ([1, 2], r"a record must be a JSON object"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A1"},
+                        {"from": "gpt", "value": "A2"}]},
+     r"must follow a user turn"),
 ]
 
 
