@@ -99,8 +99,11 @@ def _module_entry(m: nn.Module) -> tuple[str, dict[str, Any], dict[str, Tensor]]
 
 
 def _base_model_name(model: nn.Module) -> str:
+    """Where the base model was loaded from (``config._name_or_path``): a hub name, or a local directory made
+    absolute, so that the adapter finds its base from any working directory (``medcare eval --model DIR``)."""
     cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+    name = str(getattr(cfg, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
 
 
 def current_umask() -> int:
@@ -161,7 +164,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareCo
 
     Saves every wrapper's adapter tensors (frozen ones included: a stage-2 adapter carries its base LoRA)
     and every attention LoRA already folded into the base weights. ``config`` defaults to
-    ``model.medcare_config``; ``base_model_name`` to ``model.config._name_or_path``. Atomic per file.
+    ``model.medcare_config``; ``base_model_name`` to ``model.config._name_or_path`` (a local directory made
+    absolute): the base model that ``medcare train --stage 2``, ``medcare merge`` and ``medcare eval`` load. Atomic
+    per file.
 
     Distributed: only the main process writes (``is_main_process``, default:
     :func:`medcare.distributed.is_global_rank_zero`). Sharded parameters (FSDP2, ZeRO-3) are gathered to full

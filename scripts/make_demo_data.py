@@ -235,12 +235,49 @@ held_triage = next(t for t in triage if "crushing central chest pain" in t["conv
 triage.remove(held_triage)
 
 
+# The held-out multiple-choice set (MedQA-style: question, options A-D, answer_idx, subject) for `medcare eval`:
+# facts of the stage-1 tables asked in words no training question uses, with the other options drawn from the
+# same table. Its own random stream, so the training files above stay as they were.
+mc_rng = random.Random(2024)
+LETTERS = "ABCD"
+
+
+def mc_item(question, correct, pool, subject):
+    others = mc_rng.sample(sorted({p for p in pool if p != correct}), 3)
+    options = others + [correct]
+    mc_rng.shuffle(options)
+    answer = LETTERS[options.index(correct)]
+    return {"question": question, "options": dict(zip(LETTERS, options)), "answer_idx": answer,
+            "answer": correct, "subject": subject}
+
+
+mc = []
+classes = [c for _, c, _, _ in DRUGS]
+uses = [u for _, _, _, u in DRUGS]
+for name, cls, _, _ in mc_rng.sample(DRUGS, 20):
+    mc.append(mc_item(f"To which class of medicines does {name} belong?", cls, classes, "pharmacology: class"))
+for name, _, _, use in mc_rng.sample(DRUGS, 16):
+    mc.append(mc_item(f"{name[0].upper() + name[1:]} is mainly prescribed for which condition?", use, uses,
+                      "pharmacology: use"))
+tests = [t for _, _, t in DISEASES]
+for name, _, test in mc_rng.sample(DISEASES, 12):
+    mc.append(mc_item(f"Which investigation best supports a diagnosis of {name}?", test, tests, "diagnosis: test"))
+diseases = [d for d, _, _ in DISEASES]
+for name, sym, _ in mc_rng.sample(DISEASES, 12):
+    mc.append(mc_item(f"A patient presents with {sym}. Which condition is the most likely cause?", name, diseases,
+                      "diagnosis: presentation"))
+training_questions = {r["instruction"] for r in records}
+assert len(mc) == 60 and all(m["question"] not in training_questions for m in mc)
+assert all(len(set(m["options"].values())) == 4 for m in mc)
+
+
 def write(name, rows):
     with open(OUT / name, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 write("held_out.jsonl", [held_out, held_triage])
+write("held_out_mc.jsonl", mc)
 write("stage1_knowledge.jsonl", records)
 write("stage2_triage.jsonl", triage)
-print(len(records), len(triage))
+print(len(records), len(triage), len(mc))

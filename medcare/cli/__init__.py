@@ -3,6 +3,8 @@
     medcare train --stage 1 --model PATH --data FILE --output_dir DIR [TrainingArguments] [MedCare options]
     medcare train --stage 2 --from-stage1 DIR --data FILE --output_dir DIR [...]
     medcare merge --stage2 DIR --output DIR
+    medcare eval --model DIR --data FILE [--data FILE ...] [--output DIR]
+    medcare experts --model STAGE1_DIR --data FILE [--by FIELD] [--output DIR]
     medcare bench [--quick] [--json FILE] [--plot FILE.png]
     medcare info [--json]
     medcare demo [--output DIR]
@@ -25,6 +27,8 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = {
     "train": "train one MedCare stage on a transformers causal LM (stage 1: MoLoRA; stage 2: orthogonal LoRA)",
     "merge": "fold a stage-2 adapter into its base model and write a plain transformers checkpoint",
+    "eval": "accuracy of a merged, stage-1 or stage-2 model on multiple-choice and open-ended medical data",
+    "experts": "which routed experts a stage-1 model sends a data set's tokens to (load, entropy, heat map)",
     "bench": "the MoLoRA kernel benchmark table on this machine's device",
     "info": "versions, GPU, compiled CUDA architectures and the backends that run here",
     "demo": "both stages end to end on a tiny model and the embedded medical data (no downloads)",

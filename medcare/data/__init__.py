@@ -5,7 +5,8 @@
   line or record of malformed input.
 * :mod:`medcare.data.dataset`: chat template (or a plain template) rendering, tokenisation with the loss on
   response tokens only, and the padding collator.
-* ``stage1_knowledge.jsonl``, ``stage2_triage.jsonl``, ``held_out.jsonl``: the demo data (see ``README.md``).
+* ``stage1_knowledge.jsonl``, ``stage2_triage.jsonl``, ``held_out.jsonl``: the demo data (see ``README.md``);
+  ``held_out_mc.jsonl``: the demo's held-out multiple-choice set (MedQA-style, read by :mod:`medcare.eval`).
 """
 
 from medcare.data.dataset import IGNORE_INDEX, SFTDataset, build_dataset, make_collator, prompt_text, tokenize_messages

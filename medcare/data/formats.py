@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataFormatError", "Example", "load_records", "parse_record"]
+__all__ = ["DataFormatError", "Example", "load_records", "parse_record", "read_records"]
 
 _ROLES = {
     "system": "system",
@@ -119,11 +119,14 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_records(path: str | os.PathLike) -> list[Example]:
-    """Read a JSON or JSONL data file into :class:`Example` s (in file order).
+def read_records(path: str | os.PathLike, keyed: bool = False) -> list[tuple[Any, str]]:
+    """The raw records of a JSON or JSONL file with their locations: ``[(record, "file.jsonl:17"), ...]``.
 
-    Raises :class:`DataFormatError` (naming the line or record) for unreadable, invalid or malformed
-    input, and for a file without records.
+    A JSON array (``"file.json record 3"``) or one record per line (``"file.jsonl:17"``). With ``keyed``, a
+    file holding one JSON object whose values are all objects (records keyed by id, as PubMedQA's
+    ``ori_pqal.json``) is read too (``"file.json record 'id'"``; the key is added as ``"id"`` when the record
+    has none). Raises :class:`DataFormatError` naming the line for unreadable or invalid input and for a
+    file without records.
     """
     p = Path(path)
     name = str(path)
@@ -135,15 +138,17 @@ def load_records(path: str | os.PathLike) -> list[Example]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataFormatError(f"{name}:{line}", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    examples: list[Example] = []
-    if text.lstrip().startswith("["):  # a JSON array of records
+    out: list[tuple[Any, str]] = []
+    keyed_records = _keyed_records(text) if keyed else None
+    if keyed_records is not None:
+        out = [({"id": key, **rec} if "id" not in rec else rec, f"{name} record {key!r}")
+               for key, rec in keyed_records.items()]
+    elif text.lstrip().startswith("["):  # a JSON array of records
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataFormatError(f"{name}:{e.lineno}", f"invalid JSON: {e.msg} (column {e.colno})") from None
-        for i, record in enumerate(records):
-            where = f"{name} record {i}"
-            examples.append(Example(parse_record(record, where), where))
+        out = [(record, f"{name} record {i}") for i, record in enumerate(records)]
     else:  # JSONL: one record per line
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -155,7 +160,29 @@ def load_records(path: str | os.PathLike) -> list[Example]:
                 hint = " (a .json file must hold one JSON array, a .jsonl file one object per line)" \
                     if lineno == 1 and line.strip() in ("{", "{}") else ""
                 raise DataFormatError(where, f"invalid JSON: {e.msg} (column {e.colno}){hint}") from None
-            examples.append(Example(parse_record(record, where), where))
-    if not examples:
+            out.append((record, where))
+    if not out:
         raise DataFormatError(name, "no records (expected a JSON array of records or one JSON object per line)")
-    return examples
+    return out
+
+
+def _keyed_records(text: str) -> dict[str, dict] | None:
+    """``{id: record, ...}`` when the whole text is one JSON object of objects (several lines), else None."""
+    if not text.lstrip().startswith("{") or len(text.strip().splitlines()) < 2:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(value, dict) and value and all(isinstance(v, Mapping) for v in value.values()):
+        return {str(k): dict(v) for k, v in value.items()}
+    return None
+
+
+def load_records(path: str | os.PathLike) -> list[Example]:
+    """Read a JSON or JSONL data file into :class:`Example` s (in file order).
+
+    Raises :class:`DataFormatError` (naming the line or record) for unreadable, invalid or malformed
+    input, and for a file without records.
+    """
+    return [Example(parse_record(record, where), where) for record, where in read_records(path)]

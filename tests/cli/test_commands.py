@@ -116,6 +116,12 @@ def test_demo_quick_runs_both_stages_and_is_deterministic(tmp_path):
     load = s["expert_load"]
     assert len(load) == 2 * 3 and all(abs(sum(v) - 1) < 1e-6 for v in load.values())
     assert s["stage1"]["tokens_per_s"] > 0
+    ev = s["evaluation"]  # medcare eval on base-model/, stage1/ (its recorded base model) and final-model/
+    assert list(ev["models"]) == ["base", "stage1", "final"] and ev["mc_items"] == 60
+    assert all(m["n"] == 60 and 0 <= m["accuracy"] <= 1 for m in ev["models"].values())
+    assert "stage-1 adapter on" in ev["models"]["stage1"]["model"]
+    assert ev["models"]["final"]["triage_reply"] == s["generations"]["triage"]["reply"]
+    assert (out / "eval" / "final" / "predictions.jsonl").is_file() and "Held-out evaluation" in proc.stdout
 
     # the same seed in this process (one thread, as the demo sets) gives the same numbers
     from medcare.cli.demo import run_demo
