@@ -254,3 +254,23 @@ def test_gpu_auto_runs_what_the_table_says():
     assert seen["lora_linear"] == {dispatch.PREFERENCES["lora_linear"].order[0]}
     assert seen["route"] == {next(b for b in dispatch.PREFERENCES["route"].order
                                   if be.backend_unavailable_reason(b, "cuda") is None)}
+
+
+def test_readme_layout_matches_the_tree():
+    """Every path the README's layout section names exists, and every package and top-level module of the
+    library is named there."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    named = {line.split()[0] for line in block.splitlines() if line.strip() and not line.startswith(" ")}
+    for path in named:
+        assert (ROOT / path).exists(), f"README layout names {path}, which does not exist"
+    pkgs = ["medcare_kernels", "medcare_kernels/backends", "medcare"]
+    for pkg in pkgs:
+        for child in sorted((ROOT / pkg).iterdir()):
+            if child.name.startswith("__") or child.suffix not in ("", ".py") or child.name.startswith("_C"):
+                continue
+            if child.is_dir() and not (child / "__init__.py").exists():
+                continue
+            rel = f"{pkg}/{child.name}" + ("/" if child.is_dir() else "")
+            mentioned = rel in named or f"{pkg}/" in named and child.name.removesuffix(".py") in block
+            assert mentioned, f"{rel} is not in the README's layout section"

@@ -44,6 +44,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "medcare demo [--output DIR] [--seed N]":
         ("covered", "tests/cli/test_commands.py::test_demo_quick_runs_both_stages_and_is_deterministic"),
     "python -m medcare_kernels.info": ("run", "the installation report"),
+    "medcare eval --model runs/s1 --data medqa_test.jsonl --data medmcqa_dev.json --output runs/s1/eval --bf16":
+        ("covered", "tests/cli/test_eval_cli.py::test_eval_stage1_dir_writes_results_predictions_and_prints_the_table"),
+    "medcare experts --model runs/s1 --data medmcqa_dev.json --by subject_name --output runs/s1/experts":
+        ("covered", "tests/cli/test_eval_cli.py::test_experts_by_subject_writes_json_and_heat_map"),
+    "lm_eval --model hf --model_args pretrained=runs/medcare-7b,dtype=bfloat16 --tasks my_task --include_path tasks/ "
+    "--device cuda --batch_size 16 --output_path runs/medcare-7b/lm-eval --log_samples":
+        ("skip", "a GPU and the optional lm-eval extra; tests/eval/test_lm_eval_harness.py runs lm_eval on the merged "
+                 "tiny model with a local task file where lm-eval is installed"),
     "pip install torch==<the cluster's version>": ("skip", _WHEEL),
     "export CUDA_HOME=/usr/local/cuda-12.8": ("skip", _WHEEL),
     'export TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"': ("skip", _WHEEL),

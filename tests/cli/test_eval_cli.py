@@ -53,7 +53,7 @@ def test_eval_stage1_dir_writes_results_predictions_and_prints_the_table(tmp_pat
     out = tmp_path / "out"
     proc = check(run_cli("eval", "--model", str(stage_dirs / "s1"), "--data", str(data["mc"]), "--data",
                          str(data["mixed"]), "--data", str(data["open"]), "--output", str(out), "--max_new_tokens",
-                         "8", "--batch_size", "3"))
+                         "8", "--batch_size", "3", "--bf16"))
     assert "| file | items | method | accuracy | 95% CI | exact match | ROUGE-L |" in proc.stdout
     assert "| mc.jsonl | 8 | loglik |" in proc.stdout and "| held_out.jsonl | 2 | open |" in proc.stdout
     assert "stage-1 adapter on" in proc.stdout

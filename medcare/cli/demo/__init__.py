@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 
 from medcare.cli._common import CLIError
-from medcare.cli.demo.backends import recording_backends
 from medcare.cli.demo.evaluate import evaluate, generate
 from medcare.cli.demo.model import (
     CHAT_TEMPLATE,
@@ -42,7 +41,7 @@ from medcare.cli.demo.report import render_summary
 from medcare.cli.demo.run import run_demo
 
 __all__ = ["CHAT_TEMPLATE", "DATA_FILES", "HELD_OUT_MC", "SIZES", "SPECIAL_TOKENS", "DemoSize", "build_model",
-           "build_tokenizer", "data_file", "evaluate", "generate", "main", "recording_backends", "render_summary",
+           "build_tokenizer", "data_file", "evaluate", "generate", "main", "render_summary",
            "run_demo"]
 
 

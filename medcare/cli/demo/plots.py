@@ -31,7 +31,7 @@ def plot_summary(s: dict[str, Any], out: Path) -> list[str]:
     a1.grid(alpha=0.3)
     h2 = s["stage2"]["history"]
     steps = [h["step"] for h in h2]
-    task = [h["loss"] - lam * h.get("orth_penalty", 0.0) for h in h2]
+    task = [h["loss"] for h in h2]  # MedCareTrainer logs the task loss as "loss", the penalty beside it
     a2.plot(steps, task, marker=".", color="tab:blue", label="task loss")
     a2.set_title(f"stage 2: alignment (orthogonal LoRA, lambda={lam:g})")
     a2.set_xlabel("step")

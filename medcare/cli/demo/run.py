@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medcare.cli._common import CLIError, write_dir_atomically
-from medcare.cli.demo.backends import recording_backends
+from medcare_kernels.backends import record_backends
 from medcare.cli.demo.evaluate import evaluate, evaluate_held_out, generate
 from medcare.cli.demo.model import DATA_FILES, SIZES, DemoSize, build_model, build_tokenizer, data_file
 from medcare.cli.demo.plots import plot_summary
@@ -89,7 +89,7 @@ def _run(out: Path, seed: int, size: str, spec: DemoSize, steps1: int, steps2: i
         "held_out": held[0],  # a knowledge fact of the training data, asked in new words
     }
     q_triage = held[1].messages[:-1]
-    with recording_backends() as backends:
+    with record_backends() as backends:
         # stage 1: knowledge aggregation
         apply_stage1(model, cfg)
         trainable1 = sum(p.numel() for p in model.parameters() if p.requires_grad)
