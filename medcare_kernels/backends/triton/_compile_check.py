@@ -30,9 +30,10 @@ def _cases(dt: str):
     yield ("route_bwd", route._route_bwd_kernel, dict(BLOCK_T=64, BLOCK_E=8), f32, [(4, 2)])
     big = dict(lay, EL=L.EL, ROUTED=True, SHARED=True, ROUTER=True, HAS_LX=False, HAS_RBIAS=True, WRITE_H=True,
                SPLIT=1, BLOCK_T=128)
-    yield ("shrink_fwd[BLOCK_T=128]", shrink._shrink_fwd_kernel, big, f32, None)
-    yield ("shrink_bwd[BLOCK_T=128]", shrink._shrink_bwd_kernel,
-           dict(lay, EL=L.EL, ROUTED=True, SHARED=True, HAS_GL=False, SPLIT=1, BLOCK_T=128), f32, None)
+    for bt in (128, 32):  # the prefill token blocks (shrink._block_t); 64 and 16 are compiled below
+        yield (f"shrink_fwd[BLOCK_T={bt}]", shrink._shrink_fwd_kernel, dict(big, BLOCK_T=bt), f32, None)
+        yield (f"shrink_bwd[BLOCK_T={bt}]", shrink._shrink_bwd_kernel,
+               dict(lay, EL=L.EL, ROUTED=True, SHARED=True, HAS_GL=False, SPLIT=1, BLOCK_T=bt), f32, None)
     for split in (1, 4):
         for routed, shared, router in ((True, True, True), (False, True, False)):
             meta = dict(lay, EL=L.EL, ROUTED=routed, SHARED=shared, ROUTER=router, HAS_LX=False, HAS_RBIAS=True,

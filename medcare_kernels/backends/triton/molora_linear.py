@@ -6,13 +6,17 @@ Dense-masked path (the default; MedCare's E*r = 8x16 = 128):
   with softmax / top-k / renormalise / gate / mask fused into its epilogue) then
   :func:`~medcare_kernels.backends.triton.gemm.ext_gemm` (``y = x @ W.T + b + H @ [B_all | B_s].T``: the frozen
   GEMM with K extended by the rank space, ``y`` written once; experts no token of a row tile chose are
-  skipped). ``MEDCARE_TRITON_BASE=cublas`` computes the base with cuBLAS instead and lets the kernel add
-  the LoRA term into ``y`` in one read-modify-write pass.
+  skipped, and experts no token chose are never read). From ``CUBLAS_BASE_MIN_TOKENS`` tokens
+  (:mod:`medcare_kernels.dispatch`) the base is cuBLAS and the kernel adds the LoRA term into ``y`` in one
+  read-modify-write pass.
 * backward: :func:`~medcare_kernels.backends.triton.shrink.shrink_backward` (``dy @ [B_all | B_s]`` with the
   routing backward fused), one K-extended GEMM for ``dx = dy @ W + dZ @ [A_all; A_s] + d_logits @ W_r``
-  (with the cuBLAS base: ``dy @ W`` by cuBLAS, the rest added in place),
-  and token reductions for ``dA``, ``dB``, ``dA_s``, ``dB_s``, ``dW_r``. Nothing of size ``E*T*d_out``
-  exists; idle experts' gradients are exact zeros (their ``dZ``/``H`` columns are zeroed, not skipped).
+  (with the cuBLAS base: ``dy @ W`` by cuBLAS, the rest added in place; the router term from the 16-bit
+  ``d_logits`` that dZ carries when the router shares its dtype), and the weight gradients ``dA | dA_s |
+  dW_r = dZ.T @ lx`` and ``dB | dB_s = dy.T @ H`` by cuBLAS, each operand read once (a Triton reduction
+  with a float32 result where a float32 parameter meets 16-bit operands). Nothing of size ``E*T*d_out``
+  exists; idle experts' gradients are exact zeros (``torch.where`` on their rows, so a NaN that reached
+  them through a zero column does not survive).
 
 Grouped path (:mod:`medcare_kernels.backends.triton.grouped`, for wide ``E*r``): token slots sorted by expert on
 the device, segment-wise shrink and expand over the chosen experts only; no host synchronisation.
