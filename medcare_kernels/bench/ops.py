@@ -17,7 +17,7 @@ import torch
 import medcare_kernels as mk
 from medcare_kernels.bench import measure
 from medcare_kernels.bench.runner import machine
-from medcare_kernels.bench.shapes import GPU_SHAPES, QUICK_SHAPES, Shape
+from medcare_kernels.bench.shapes import GPU_SHAPES, TINY_SHAPES, Shape
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,7 +47,7 @@ def _penalty_cases(quick: bool):
 
 
 def _decode_cases(quick: bool) -> tuple[tuple[Shape, ...], tuple[int, ...]]:
-    return (QUICK_SHAPES, (1, 8)) if quick else (GPU_SHAPES, (1, 4, 16, 64))
+    return (TINY_SHAPES, (1, 8)) if quick else (GPU_SHAPES, (1, 4, 16, 64))
 
 
 def _time(fn: Callable[[], object], device: str) -> float:
