@@ -50,7 +50,7 @@ def test_quick_plan_commands_parse_and_fit_in_eight_minutes(tmp_path):
     boxes = [int(b) for b in re.findall(r"planned \(box (\d+) s\)", summary)]
     assert len(boxes) == len(plan) and all(b > 0 for b in boxes)
     deadline = int(re.search(r"GPU_CHECK_DEADLINE:-(\d+)", SCRIPT.read_text()).group(1))
-    assert deadline <= 480  # a step never starts past the deadline, and each is stopped at its box
+    assert deadline + 15 <= 480  # no step starts past the deadline; each is cut there (+15 s to stop)
 
 
 @pytest.mark.slow

@@ -187,12 +187,12 @@ def targets(rows: list[HostRow]) -> list[str]:
 
 def table(rows: list[HostRow]) -> str:
     """Markdown table of the rows."""
-    gpu = any(r.kernels is not None for r in rows)
+    gpu = any(r.kernels is not None for r in rows) or any(r.backend in ("cuda", "triton") for r in rows)
     head = ("| op | backend | fwd us | fwd+bwd us | fwd x plain LoRA | fwd+bwd x plain LoRA | fwd+bwd x F.linear "
             "| aten ops (compute) | " + ("kernels | " if gpu else "") + "flags |")
     lines = [head, "|" + "---|" * (10 if gpu else 9)]
     for r in rows:
-        kern = f"{r.kernels} | " if gpu else ""
+        kern = f"{'-' if r.kernels is None else r.kernels} | " if gpu else ""
         lines.append(f"| {r.op} | {r.backend} | {r.fwd_us:.1f} | {r.fwd_bwd_us:.1f} | {r.fwd_x_lora:.2f} | "
                      f"{r.fwd_bwd_x_lora:.2f} | {r.fwd_bwd_x_linear:.2f} | {r.aten_ops} ({r.compute_ops}) | {kern}"
                      f"{'; '.join(r.flags) or '-'} |")
