@@ -68,8 +68,8 @@ def test_host_cli_writes_json_that_the_report_renders(tmp_path):
     from medcare_kernels.bench.__main__ import main
 
     out = tmp_path / "host.json"
-    assert main(["--host", "--quick", "--device", "cpu", "--rounds", "1", "--warmup", "1", "--backends", "torch",
-                 "--json", str(out)]) == 0
+    assert main(["--host", "--quick", "--threads", "1", "--device", "cpu", "--rounds", "1", "--warmup", "1",
+                 "--backends", "torch", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["kind"] == "host" and {r["op"] for r in data["rows"]} >= set(OPS)
     md = report.render(str(out))

@@ -104,3 +104,21 @@ def test_roofline_cli_prints_the_predictions_without_a_gpu(capsys):
     assert "Launches of `triton-dense-cublas` on the NVIDIA H200" in capsys.readouterr().out
     assert main(["--roofline", "--roofline-device", "h100"]) == 0
     assert "on the NVIDIA H100 SXM" in capsys.readouterr().out
+
+
+def test_python_m_benchmarks_entry_point_runs():
+    """The README's ``python -m benchmarks ...`` commands go through benchmarks/__main__.py: run it once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--roofline", "--roofline-device", "a100"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "on the NVIDIA A100 SXM 80GB" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "--roofline", "--roofline-device", "v100"], cwd=repo,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--roofline-device: unknown 'v100'" in bad.stderr

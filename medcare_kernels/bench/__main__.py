@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--host", action="store_true", help="the host-overhead table (tiny shapes, every op and backend)")
     mode.add_argument("--e2e", action="store_true", help="the end-to-end table (a small Qwen2 stage-1 training step)")
-    mode.add_argument("--roofline", action="store_true", help="print the roofline predictions for the GPU rows and exit")
+    mode.add_argument("--roofline", action="store_true",
+                      help="print the roofline predictions for the GPU rows and exit")
     p.add_argument("--quick", action="store_true", help="small shapes / a tiny model: a smoke run in seconds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                             "under the CPU interpreter)")
     layer.add_argument("--plot", default=None, help="write a PNG of time relative to the floor here")
     layer.add_argument("--tokens", default=None, help="comma-separated token counts (default: the device's list)")
-    layer.add_argument("--shapes", default=None, help="comma-separated shape names to keep (default: the device's list)")
+    layer.add_argument("--shapes", default=None,
+                       help="comma-separated shape names to keep (default: the device's list)")
     layer.add_argument("--roofline-device", default=None,
                        help="GPU for the roofline column and --roofline's launch list: h200, h100, a100 "
                             "(default: this GPU)")
@@ -114,7 +116,8 @@ def _host(args, dtype: torch.dtype) -> int:
     include = tuple(args.backends.split(",")) if args.backends else None
     rows = host.run(args.device, dtype, rounds=rounds, warmup=warmup, min_sample_s=0.001 if args.quick else 0.002,
                     include=include)
-    print(f"machine: {runner.machine()}  device: {args.device}  dtype: {str(dtype).replace('torch.', '')}  rounds: {rounds}")
+    print(f"machine: {runner.machine()}  device: {args.device}  dtype: {str(dtype).replace('torch.', '')}  "
+          f"rounds: {rounds}")
     print(host.HEADER)
     print("\n".join(host.targets(rows)))
     print(host.table(rows))

@@ -13,7 +13,8 @@ import torch
 
 from medcare_kernels.bench import interleave, measure, roofline, sanity
 from medcare_kernels.bench.methods import Inputs, Method, flop_limit, flops, make_inputs, methods
-from medcare_kernels.bench.shapes import CPU_SHAPES, CPU_TOKENS, GPU_SHAPES, GPU_TOKENS, QUICK_SHAPES, QUICK_TOKENS, Shape
+from medcare_kernels.bench.shapes import (CPU_SHAPES, CPU_TOKENS, GPU_SHAPES, GPU_TOKENS, QUICK_SHAPES, QUICK_TOKENS,
+                                         Shape)
 
 
 @dataclass
@@ -60,12 +61,16 @@ def _step(method: Method, inp: Inputs, backward: bool):
     return run
 
 
+#: The 1-minute load average when the harness was imported (the start of a run): what the run competed with.
+START_LOAD = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine() -> str:
     """The device, torch version and, on the CPU, the threads and the load when the run started (other
     processes on a small machine move every CPU time)."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    load = f", load average {START_LOAD:.1f} at the start" if START_LOAD is not None else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads "
             f"(torch {torch.__version__}){load}")
 
