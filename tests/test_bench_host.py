@@ -74,3 +74,14 @@ def test_host_cli_writes_json_that_the_report_renders(tmp_path):
     assert data["kind"] == "host" and {r["op"] for r in data["rows"]} >= set(OPS)
     md = report.render(str(out))
     assert md.startswith("## Host overhead") and "interleaved" in md and "| molora_linear | torch |" in md
+
+
+@pytest.mark.parametrize("us, verdict", [(120.0, "met"), (151.0, "not met")])
+def test_gpu_rows_get_the_host_time_target_and_a_kernels_column(us, verdict):
+    rows = [host.HostRow("molora_linear", "triton", 50.0, us, 1.0, 2.0, 3.0, 100, 60, 42),
+            host.HostRow("molora_linear", "torch", 50.0, us, 1.0, 2.0, 3.0, 100, 60, None)]
+    lines = host.targets(rows)
+    assert f"{us:.0f} us per call on the GPU (target <= 150 us: {verdict})" in lines[1] and len(lines) == 3
+    head, sep, a, b = host.table(rows).splitlines()
+    assert "| kernels |" in head and "| 42 |" in a and "| - |" in b
+    assert head.count("|") == sep.count("|") == a.count("|") == b.count("|")

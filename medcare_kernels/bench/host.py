@@ -172,6 +172,8 @@ def run(device: str = "cpu", dtype: torch.dtype = torch.float32, *, rounds: int 
 
 #: Issue 14's host-overhead targets (forward+backward, x the plain-autograd LoRA), checked in :func:`targets`.
 TARGETS = {"molora_linear": 2.5, "lora_linear": 1.5}
+#: ... and on a GPU (H200) the host time of one MoLoRA call, forward+backward, in microseconds.
+GPU_HOST_US = 150.0
 
 
 def targets(rows: list[HostRow]) -> list[str]:
@@ -182,6 +184,9 @@ def targets(rows: list[HostRow]) -> list[str]:
             goal = TARGETS[r.op]
             out.append(f"{r.op}[{r.backend}]: {r.fwd_bwd_x_lora:.2f}x the plain LoRA (target <= {goal}x: "
                        f"{'met' if r.fwd_bwd_x_lora <= goal else 'not met'})")
+        if r.op == "molora_linear" and r.backend == "triton" and r.kernels is not None:
+            out.append(f"{r.op}[{r.backend}]: {r.fwd_bwd_us:.0f} us per call on the GPU (target <= {GPU_HOST_US:.0f} "
+                       f"us: {'met' if r.fwd_bwd_us <= GPU_HOST_US else 'not met'})")
     return out
 
 
