@@ -35,7 +35,8 @@ def test_quick_op_benchmark_covers_every_op_and_backend(tmp_path):
 
 def test_report_renders_the_layer_benchmark(tmp_path):
     from medcare_kernels.bench import runner
-    rows = runner.run("cpu", torch.float32, *runner.quick_config(), progress=False, only=("torch",))
+    rows = runner.run("cpu", torch.float32, *runner.quick_config(), progress=False, only=("torch",),
+                      timing=runner.Timing(rounds=1, warmup=1))
     path = tmp_path / "layer.json"
     runner.write_json(rows, str(path), "cpu", torch.float32)
     md = report.render(str(path))

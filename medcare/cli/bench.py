@@ -1,6 +1,8 @@
-"""``medcare bench [--quick] [--json FILE] [--plot FILE.png] [...]``: the kernel benchmark table on this
-machine's device (the ``python -m benchmarks`` runner, :mod:`medcare_kernels.bench`); every option of that
-runner is accepted (``medcare bench --help``)."""
+"""``medcare bench [--quick] [--host | --e2e | --roofline] [--json FILE] [--plot FILE.png] [...]``: the
+benchmark tables on this machine's device (the ``python -m benchmarks`` runner, :mod:`medcare_kernels.bench`):
+the MoLoRA layer table by default, the host-overhead, end-to-end or roofline table on request; every
+option of that runner is accepted (``medcare bench --help``). Timed tables are measured interleaved and
+flag rows whose numbers are not a statement about speed (``--quick``'s host-bound points say so)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Per-op benchmarks: every backend that can run on the device, for ``route``, ``orthogonal_penalty`` and
 the ``molora_linear`` decode path (inference: few tokens, no gradient). These are the numbers that
 ``backend="auto"``'s per-op choices (``_FAST`` / ``_fast_order`` in :mod:`medcare_kernels.ops`) rest on.
+Each case's backends are timed interleaved (round-robin, in one process); speed-ups are medians of
+per-round ratios.
 
 ``python -m medcare_kernels.bench.ops [--device cuda] [--dtype bfloat16] [--quick] [--json FILE]``
 """
@@ -15,9 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 import medcare_kernels as mk
-from medcare_kernels.bench import measure
+from medcare_kernels.bench import interleave
 from medcare_kernels.bench.runner import machine
-from medcare_kernels.bench.shapes import GPU_SHAPES, QUICK_SHAPES, Shape
+from medcare_kernels.bench.shapes import GPU_SHAPES, TINY_SHAPES, Shape
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,11 +49,21 @@ def _penalty_cases(quick: bool):
 
 
 def _decode_cases(quick: bool) -> tuple[tuple[Shape, ...], tuple[int, ...]]:
-    return (QUICK_SHAPES, (1, 8)) if quick else (GPU_SHAPES, (1, 4, 16, 64))
+    return (TINY_SHAPES, (1, 8)) if quick else (GPU_SHAPES, (1, 4, 16, 64))
 
 
-def _time(fn: Callable[[], object], device: str) -> float:
-    return measure.median_time_ms(fn, device)
+def _interleaved(fns: dict[str, tuple[Callable[[], object], Callable[[], object] | None]], device: str,
+                 quick: bool) -> tuple[dict[str, tuple[float, float | None]], interleave.Timings]:
+    """Median ms of every backend's forward (and forward+backward), timed interleaved in one rotation."""
+    cands = []
+    for b, (fwd, both) in fns.items():
+        cands.append(interleave.Candidate(f"{b}/fwd", fwd))
+        if both is not None:
+            cands.append(interleave.Candidate(f"{b}/fwd+bwd", both))
+    t = interleave.measure(cands, rounds=3 if quick else 15, warmup=2, min_sample_s=0.002, device=device)
+    res = {b: (t.median(f"{b}/fwd") * 1e3, t.median(f"{b}/fwd+bwd") * 1e3 if both is not None else None)
+           for b, (_, both) in fns.items()}
+    return res, t
 
 
 def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
@@ -62,11 +74,12 @@ def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
     def rand(*size, scale=1.0, grad=False):
         return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
 
-    def add(op, case, results):
-        base = results.get("torch")
+    def add(op, case, fns):
+        results, t = _interleaved(fns, device, quick)
+        base = "torch" in results
         for b, (fwd, both) in results.items():
-            rows.append(OpRow(op, case, b, fwd, both, base[0] / fwd if base else float("nan"),
-                              (base[1] / both) if (base and both) else None))
+            rows.append(OpRow(op, case, b, fwd, both, t.ratio("torch/fwd", f"{b}/fwd") if base else float("nan"),
+                              t.ratio("torch/fwd+bwd", f"{b}/fwd+bwd") if (base and both is not None) else None))
 
     for T, E, k in _route_cases(quick):
         logits = rand(T, E, scale=2.0, grad=True)
@@ -79,7 +92,7 @@ def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
             def both(b=b):
                 w, _ = mk.route(logits, k, backend=b)
                 return torch.autograd.grad(w, logits, seed)
-            res[b] = (_time(fwd, device), _time(both, device))
+            res[b] = (fwd, both)
         add("route", f"T={T} E={E} k={k}", res)
 
     for name, layers in _penalty_cases(quick):
@@ -92,7 +105,7 @@ def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
 
             def both(b=b):
                 return torch.autograd.grad(mk.orthogonal_penalty(base, orth, backend=b), orth)
-            res[b] = (_time(fwd, device), _time(both, device))
+            res[b] = (fwd, both)
         add("orthogonal_penalty", name, res)
 
     shapes, tokens = _decode_cases(quick)
@@ -104,13 +117,13 @@ def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
                   rand(rs, shape.d_in, scale=shape.d_in ** -0.5), rand(shape.d_out, rs, scale=rs ** -0.5))
         for T in tokens:
             x = rand(T, shape.d_in)
-            res = {"floor": (_time(lambda: torch.nn.functional.linear(x, weight), device), None)}
+            res = {"floor": (lambda x=x: torch.nn.functional.linear(x, weight), None)}
             for b in backends:
                 def fwd(b=b):
                     with torch.no_grad():
                         return mk.molora_linear(x, weight, None, *params[:4], *params[4:], top_k=shape.top_k,
                                                 scaling=2.0, backend=b)
-                res[b] = (_time(fwd, device), None)
+                res[b] = (fwd, None)
             add("molora_linear decode", f"{shape.name} ({shape.d_in}->{shape.d_out}) T={T}", res)
     return rows
 
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     rows = run(args.device, dtype, args.quick)
     print(f"machine: {machine()}  device: {args.device}  dtype: {str(dtype).replace('torch.', '')}")
+    print("each case's backends timed interleaved (round-robin, one process); speed-ups are medians of per-round "
+          "ratios")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -1,5 +1,5 @@
 """``python -m medcare_kernels.bench.report FILE.json ...``: benchmark JSON files (from ``python -m benchmarks
---json`` or ``python -m medcare_kernels.bench.ops --json``) as markdown tables, with the machine named.
+[--host | --e2e] --json`` or ``python -m medcare_kernels.bench.ops --json``) as markdown tables, with the machine named.
 Missing files are noted and skipped."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+import torch
 
 from medcare_kernels.bench.ops import OpRow
 from medcare_kernels.bench.ops import table as ops_table
@@ -19,8 +21,20 @@ def render(path: str) -> str:
         return f"_{path}: not produced (see the logs)_\n"
     with open(path) as fh:
         data = json.load(fh)
-    if data.get("kind") == "ops":
+    kind = data.get("kind")
+    if kind == "ops":
         title, body = "Per-op benchmark", ops_table([OpRow(**r) for r in data["rows"]])
+    elif kind == "host":
+        from medcare_kernels.bench import host
+
+        title, body = "Host overhead", f"{host.HEADER}\n\n{host.table([host.HostRow(**r) for r in data['rows']])}"
+    elif kind == "e2e":
+        from medcare_kernels.bench import e2e
+
+        size = e2e.ModelSize(**data["size"])
+        head = e2e.header(size, data["device"], getattr(torch, data["dtype"]), data["rounds"],
+                          data["warmup"])
+        title, body = "End to end", f"{head}\n\n{e2e.table([e2e.E2ERow(**r) for r in data['rows']])}"
     else:
         title, body = "MoLoRA layer benchmark", layer_table([Row(**r) for r in data["rows"]])
     return (f"## {title}\n\nmachine: {data['machine']}; device: {data['device']}; dtype: {data['dtype']} "

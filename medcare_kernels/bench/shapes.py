@@ -24,6 +24,10 @@ CPU_TOKENS = (1, 128, 1024)
 GPU_SHAPES = (Shape("qwen2-7b-up", 3584, 18944), Shape("qwen2-7b-down", 18944, 3584))
 GPU_TOKENS = (1, 16, 4096, 16384)
 
-#: --quick: small shapes that finish in seconds anywhere (a smoke run of the whole harness).
-QUICK_SHAPES = (Shape("tiny", 64, 96, experts=4, rank=4, top_k=2, shared_rank=8),)
-QUICK_TOKENS = (1, 32)
+#: --quick: a small shape that finishes in seconds anywhere: one decode point (T=1, host-bound: every
+#: method's time is per-call overhead, and the table flags it) and one where the arithmetic shows (T=256).
+QUICK_SHAPES = (Shape("small", 256, 512, experts=8, rank=8, top_k=2, shared_rank=16),)
+QUICK_TOKENS = (1, 256)
+
+#: The per-op table's --quick decode shape (the Triton interpreter runs it in the tests: keep it tiny).
+TINY_SHAPES = (Shape("tiny", 64, 96, experts=4, rank=4, top_k=2, shared_rank=8),)
