@@ -4,6 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
 # The CUDA toolkit: the first of $CUDA_HOME, the toolkit of the nvcc on PATH, /usr/local/cuda,
 # /usr/local/cuda-* that has bin/nvcc and include/cuda_runtime.h (a wrapper script such as
@@ -25,16 +26,22 @@ GPU_PYTHON ?= $(if $(wildcard $(PYTHON)),$(PYTHON),$(PY))
 # Where gpu-check writes its results: $OUT when set (the GPU runner collects it), else benchmarks/results.
 OUT_DIR ?= $(if $(OUT),$(OUT),benchmarks/results)
 
-.PHONY: test demo bench bench-suite venv ext wheel gpu-check clean triton-compile-check
+.PHONY: test lint demo bench bench-suite venv ext wheel gpu-check clean triton-compile-check
 
 venv: $(STAMP)
 
 # The package installs editable and pure-Python here (MEDCARE_BUILD_CUDA=0); `ext` compiles the
 # CUDA extension in place, so a change under csrc/ rebuilds only that (ninja, incremental).
-$(STAMP): pyproject.toml setup.py
+# `make demo` needs only the demo extra (transformers, accelerate, matplotlib); the test and lint tools,
+# DeepSpeed and the benchmark comparisons come with the dev extra, on top of it.
+$(DEMO_STAMP): pyproject.toml setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
 	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION)
+	MEDCARE_BUILD_CUDA=0 $(PYTHON) -m pip install -q --no-build-isolation -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
 	MEDCARE_BUILD_CUDA=0 $(PYTHON) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
@@ -53,6 +60,10 @@ $(EXT_STAMP): $(STAMP) setup.py $(CSRC)
 	  $(PYTHON) setup.py -q build_ext --inplace && \
 	echo "make: CUDA extension built in $$(( $$(date +%s) - start )) s (MAX_JOBS=$(MAX_JOBS), CUDA_HOME=$(CUDA_TOOLKIT))"
 	@touch $@
+
+## ruff over the whole tree (rules in pyproject.toml); CI runs it before the tests.
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
 
 ## The whole test suite (CPU; GPU-marked tests skip without CUDA). Builds the CUDA extension first.
 test: ext
@@ -78,7 +89,7 @@ gpu-check:
 	  QUICK="$(QUICK)" DRY_RUN="$(DRY_RUN)" bash benchmarks/gpu_check.sh
 
 ## The main job: both MedCare stages end to end on a tiny model and the embedded data (medcare demo).
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PYTHON) -m medcare demo
 
 ## The benchmark table with the torch backend's formulations, as JSON and a plot under benchmarks/results/.

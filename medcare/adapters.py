@@ -52,8 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from medcare.config import MedCareConfig
-from medcare.distributed import copy_full_, full_params, gathered, param_shape
-from medcare.distributed import is_global_rank_zero
+from medcare.distributed import copy_full_, full_params, gathered, is_global_rank_zero, param_shape
 from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear
 from medcare.stages import _WRAPPERS, _refresh_cache, fold_recorded, merged_records, model_stage
 

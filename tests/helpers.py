@@ -138,7 +138,8 @@ def by_run(run_list: Sequence[Run]):
 def assert_close(actual, expected, dtype, name=""):
     """``actual`` (any dtype) matches the float64 ``expected`` within ``TOL[dtype]``, normalised."""
     assert actual is not None, f"{name}: gradient missing"
-    assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), \
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(device="cpu", dtype=F64)  # a device result against the CPU oracle
     e = expected.detach().to(device="cpu", dtype=F64)
     assert torch.isfinite(a).all(), f"{name}: non-finite values"

@@ -36,7 +36,7 @@ def main() -> None:
             E, d_out, k = 6, 300, 2
             x = torch.randn(T, d_in, device=dev, dtype=dtype)
 
-            def rand(*s):
+            def rand(*s, p=p):
                 return torch.randn(*s, device=dev, dtype=p)
             ops.molora_decode_cuda(x, torch.randn(d_out, d_in, device=dev, dtype=dtype), None, rand(E, d_in),
                                    rand(E), rand(E, r, d_in), rand(E, d_out, r), rand(r_s, d_in) if r_s else None,

@@ -23,24 +23,39 @@ def test_floor_is_the_two_gemms_at_the_matmul_rate(shape, T):
 
 @pytest.mark.parametrize("shape, T, lora_us", [(UP, 16384, 821), (UP, 4096, 215), (DOWN, 16384, 835),
                                                (DOWN, 4096, 217)])
-def test_todays_triton_plan_matches_the_launch_analysis(shape, T, lora_us):
-    """Pinned to the H200 analysis of the dense cuBLAS-base path (LoRA launches 814/207/829/211 us there;
-    here also the rank-space weights' bytes, and the backward reduce only when it splits). Update these
-    numbers together with PLANS when the launches change."""
+def test_the_measured_triton_plan_matches_the_launch_analysis(shape, T, lora_us):
+    """Pinned to the H200 analysis of the dense cuBLAS-base path as last measured (LoRA launches
+    814/207/829/211 us there; here also the rank-space weights' bytes, and the backward reduce only when it
+    splits)."""
     p = rl.Point(*shape, T)
-    ls = rl.launches("triton-dense-cublas", p, H200)
+    ls = rl.launches("triton-dense-cublas-before", p, H200)
     extra = sum(L.seconds for L in ls if not L.floor)
     assert extra * 1e6 == pytest.approx(lora_us, rel=0.01)
-    ratio = rl.predict_s("triton-dense-cublas", p, H200) / rl.predict_s("floor", p, H200)
+    ratio = rl.predict_s("triton-dense-cublas-before", p, H200) / rl.predict_s("floor", p, H200)
     assert 1.12 < ratio < 1.14
     assert sum(L.floor for L in ls) == 2
     assert {L.phase for L in ls} == {"fwd", "bwd"}
 
 
+@pytest.mark.parametrize("shape", [UP, DOWN], ids=["up", "down"])
+@pytest.mark.parametrize("T", [4096, 16384])
+def test_todays_triton_plan_drops_the_avoidable_passes(shape, T):
+    """Today's launches (cuBLAS dA/dB, a token block that fills the SMs, dx's router term from dZ): no split-K
+    reduce at prefill, LoRA time below the measured plan's, the ratio to the floor 1.10-1.11x on an H200.
+    Update these bounds together with PLANS when the launches change."""
+    p = rl.Point(*shape, T)
+    names = [L.name for L in rl.launches("triton-dense-cublas", p, H200)]
+    assert not any("split-K reduce" in n for n in names)
+    now = rl.predict_s("triton-dense-cublas", p, H200) / rl.predict_s("floor", p, H200)
+    before = rl.predict_s("triton-dense-cublas-before", p, H200) / rl.predict_s("floor", p, H200)
+    assert 1.09 < now < 1.115 and now < before - 0.015
+    assert rl.block_t(T, 132) * 132 <= T  # every SM gets a token block
+
+
 def test_split_k_reduce_launches_appear_only_when_the_token_blocks_do_not_fill_the_sms():
-    small = [L.name for L in rl.launches("triton-dense-cublas", rl.Point(*UP, 4096), H200)]
+    small = [L.name for L in rl.launches("triton-dense-cublas-before", rl.Point(*UP, 4096), H200)]
     assert "shrink fwd split-K reduce" in small and "shrink bwd split-K reduce" in small
-    a100_big = [L.name for L in rl.launches("triton-dense-cublas", rl.Point(*UP, 16384), rl.DEVICES["a100"])]
+    a100_big = [L.name for L in rl.launches("triton-dense-cublas-before", rl.Point(*UP, 16384), rl.DEVICES["a100"])]
     assert not any("split-K reduce" in n for n in a100_big)  # 128 token blocks >= 108 SMs: no split
     assert rl.split_k(tiles=132, k=10**6, sms=132) == 1
     assert rl.split_k(tiles=64, k=3584, sms=132) == 5
@@ -56,19 +71,10 @@ def test_padded_widths_of_the_default_config():
 
 @pytest.mark.parametrize("E, r, r_s", [(8, 16, 32), (4, 8, 16), (6, 5, 0), (16, 4, 8), (3, 2, 5)])
 def test_widths_match_the_triton_backends_layout(E, r, r_s):
-    """The plan's copy of the padded rank-space widths against the Triton shrink's own Layout (wherever
-    the restructuring puts it): when the kernels' layout changes, this fails until roofline.Point follows."""
+    """The plan's copy of the padded rank-space widths against the Triton shrink's own Layout: when the
+    kernels' layout changes, this fails until roofline.Point follows."""
     pytest.importorskip("triton")
-    mod = None
-    for name in ("medcare_kernels.backends.triton.shrink", "medcare_kernels.triton.shrink"):
-        try:
-            mod = importlib.import_module(name)
-            break
-        except ModuleNotFoundError:
-            continue
-    if mod is None:
-        pytest.fail("the Triton shrink module moved: point this test (and roofline.py's docstring) at it")
-    L = mod.Layout(E, r, r_s, 2, True)
+    L = importlib.import_module("medcare_kernels.backends.triton.shrink").Layout(E, r, r_s, 2, True)
     p = rl.Point(64, 64, 1, E, r, 2, r_s)
     assert (p.E_R, p.R_PAD, p.W, p.EL, p.WZ, p.WS) == (L.E_R, L.R_PAD, L.W, L.EL, L.WZ, L.WS)
 
@@ -94,7 +100,7 @@ def test_report_lists_every_device_point_and_launch():
     for name, _, _ in rl.SHAPES:
         for T in rl.TOKENS:
             assert f"| {name} | {T} |" in text
-    assert "FLOP limit 1.080x" in text and "avoidable" in text
+    assert "FLOP limit 1.080x" in text and "as last measured" in text and "each operand read once" in text
 
 
 def test_roofline_cli_prints_the_predictions_without_a_gpu(capsys):
@@ -122,3 +128,16 @@ def test_python_m_benchmarks_entry_point_runs():
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "--roofline", "--roofline-device", "v100"], cwd=repo,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--roofline-device: unknown 'v100'" in bad.stderr
+
+
+@pytest.mark.parametrize("T", [1, 16, 64, 1000, 4096, 8192, 16384, 40000])
+@pytest.mark.parametrize("sms", [132, 108])
+def test_block_t_matches_the_triton_shrink(T, sms, monkeypatch):
+    """The plan's token-block rule is the Triton shrink launcher's (compiled mode, a GPU with ``sms`` SMs)."""
+    pytest.importorskip("triton")
+    shrink = importlib.import_module("medcare_kernels.backends.triton.shrink")
+    common = importlib.import_module("medcare_kernels.backends.triton._common")
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(shrink, "num_sms", lambda device: sms)
+    import torch
+    assert shrink._block_t(T, torch.device("cuda")) == rl.block_t(T, sms)

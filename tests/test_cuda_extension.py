@@ -39,7 +39,8 @@ def test_extension_is_built_wherever_nvcc_is():
     """CI has nvcc: `make test` must have built and loaded the extension, not skipped it."""
     if _nvcc() is None:
         pytest.skip("nvcc is not available here")
-    assert _extension.loaded(), f"nvcc is at {_nvcc()} but the extension is not loaded: {_extension.unavailable_reason()}"
+    assert _extension.loaded(), \
+        f"nvcc is at {_nvcc()} but the extension is not loaded: {_extension.unavailable_reason()}"
 
 
 @needs_ext
@@ -230,7 +231,8 @@ def test_cuda_backend_is_known_but_not_available_on_cpu():
 
 
 def test_asking_for_cuda_with_cpu_tensors_raises():
-    with pytest.raises(mk.BackendUnavailableError, match=r"backend='cuda' cannot run route: .*(CUDA tensors only|not built)"):
+    with pytest.raises(mk.BackendUnavailableError,
+                       match=r"backend='cuda' cannot run route: .*(CUDA tensors only|not built)"):
         mk.route(torch.randn(3, 4), 2, backend="cuda")
     with pytest.raises(mk.BackendUnavailableError, match=r"backend='cuda' cannot run orthogonal_penalty"):
         mk.orthogonal_penalty([torch.randn(2, 4)], [torch.randn(2, 4)], backend="cuda")
@@ -245,7 +247,8 @@ def test_missing_extension_says_how_to_build(monkeypatch):
     with pytest.raises(mk.BackendUnavailableError, match=r"MEDCARE_BUILD_CUDA=1"):
         be.resolve_backend("molora_linear", "cuda", torch.device("cuda"), torch.float32)
     monkeypatch.setenv("MEDCARE_BACKEND", "cuda")
-    with pytest.raises(mk.BackendUnavailableError, match=r"MEDCARE_BACKEND='cuda' cannot run route: .*MEDCARE_BUILD_CUDA"):
+    with pytest.raises(mk.BackendUnavailableError,
+                       match=r"MEDCARE_BACKEND='cuda' cannot run route: .*MEDCARE_BUILD_CUDA"):
         mk.route(torch.randn(3, 4), 2)
 
 

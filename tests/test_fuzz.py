@@ -65,7 +65,8 @@ def _draw(run: helpers.Run, small: bool) -> Case:
         # for x @ W.T alone, the frozen base): on the CPU the row contract is checked in float32 and float16.
         dtypes = tuple(d for d in dtypes if d != BF16)
     dtype = pick(dtypes)
-    return Case(T=upto(24 if small else 80, low=2 if poison == "token" else 0), d_in=upto(20 if small else 48), d_out=upto(20 if small else 40),
+    return Case(T=upto(24 if small else 80, low=2 if poison == "token" else 0), d_in=upto(20 if small else 48),
+                d_out=upto(20 if small else 40),
                 E=E, k=upto(2 if poison == "idle-expert" else min(E, 3)), r=upto(6), r_s=pick((0, upto(8))),
                 dtype=dtype, lora_dtype=pick((dtype, F32)), bias=pick((True, False)), router_bias=True,
                 lora_x=pick((False, False, True)), layout=pick(("contiguous", "transposed", "3d")), poison=poison,

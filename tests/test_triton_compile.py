@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 def test_every_triton_kernel_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter replaces kernels
-    out = subprocess.run([sys.executable, "-m", "medcare_kernels.backends.triton._compile_check", "--arch", "90", "--quick"],
-                         env=env, capture_output=True, text=True, timeout=1200)
+    cmd = [sys.executable, "-m", "medcare_kernels.backends.triton._compile_check", "--arch", "90", "--quick"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     assert "0 failure(s)" in out.stdout and out.stdout.count(": ok") >= 20, out.stdout[-3000:]

@@ -108,4 +108,5 @@ def test_orthogonal_penalty_errors():
            lambda: mk.orthogonal_penalty([a, a], [b, torch.randn(2, 7)]))
     expect(TypeError, r"base_A must be a list or tuple", lambda: mk.orthogonal_penalty(a, [b]))
     expect(ValueError, r"orth_A\[0\] must be 2-D", lambda: mk.orthogonal_penalty([a], [torch.randn(2, 2, 8)]))
-    expect(ValueError, r"orth_A\[0\] is on meta", lambda: mk.orthogonal_penalty([a], [torch.randn(2, 8, device="meta")]))
+    meta = torch.randn(2, 8, device="meta")
+    expect(ValueError, r"orth_A\[0\] is on meta", lambda: mk.orthogonal_penalty([a], [meta]))

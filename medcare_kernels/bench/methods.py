@@ -122,7 +122,7 @@ def methods(device: str, formulations: bool = False) -> list[Method]:
             for form in ("dense", "grouped"):
                 out.append(Method(f"torch[{form}]", _library("torch"), {"MEDCARE_MOLORA_FORMULATION": form}))
         if backend == "triton":
-            # ``triton`` is auto's choice of base (triton.molora_linear.base_mode): both forced, to keep
+            # ``triton`` is auto's choice of base (dispatch.triton_base): both forced, to keep
             # the measurements that choice rests on in the table.
             out.append(Method("triton[triton-base]", _library("triton"), {"MEDCARE_TRITON_BASE": "triton"}))
             out.append(Method("triton[cublas-base]", _library("triton"), {"MEDCARE_TRITON_BASE": "cublas"}))

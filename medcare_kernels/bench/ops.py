@@ -1,6 +1,6 @@
 """Per-op benchmarks: every backend that can run on the device, for ``route``, ``orthogonal_penalty`` and
 the ``molora_linear`` decode path (inference: few tokens, no gradient). These are the numbers that
-``backend="auto"``'s per-op choices (``_FAST`` / ``_fast_order`` in :mod:`medcare_kernels.ops`) rest on.
+``backend="auto"``'s per-op choices (``PREFERENCES`` in :mod:`medcare_kernels.dispatch`) rest on.
 Each case's backends are timed interleaved (round-robin, in one process); speed-ups are medians of
 per-round ratios.
 
@@ -86,10 +86,10 @@ def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
         seed = torch.randn(T, k, generator=g).to(device)
         res = {}
         for b in backends:
-            def fwd(b=b):
+            def fwd(b=b, logits=logits, k=k):
                 return mk.route(logits, k, backend=b)
 
-            def both(b=b):
+            def both(b=b, logits=logits, k=k, seed=seed):
                 w, _ = mk.route(logits, k, backend=b)
                 return torch.autograd.grad(w, logits, seed)
             res[b] = (fwd, both)
@@ -100,10 +100,10 @@ def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
         orth = [rand(r2, d, scale=d ** -0.5, grad=True) for _, r2, d in layers]
         res = {}
         for b in backends:
-            def fwd(b=b):
+            def fwd(b=b, base=base, orth=orth):
                 return mk.orthogonal_penalty(base, orth, backend=b)
 
-            def both(b=b):
+            def both(b=b, base=base, orth=orth):
                 return torch.autograd.grad(mk.orthogonal_penalty(base, orth, backend=b), orth)
             res[b] = (fwd, both)
         add("orthogonal_penalty", name, res)
@@ -117,9 +117,9 @@ def run(device: str, dtype: torch.dtype, quick: bool = False) -> list[OpRow]:
                   rand(rs, shape.d_in, scale=shape.d_in ** -0.5), rand(shape.d_out, rs, scale=rs ** -0.5))
         for T in tokens:
             x = rand(T, shape.d_in)
-            res = {"floor": (lambda x=x: torch.nn.functional.linear(x, weight), None)}
+            res = {"floor": (lambda x=x, weight=weight: torch.nn.functional.linear(x, weight), None)}
             for b in backends:
-                def fwd(b=b):
+                def fwd(b=b, x=x, weight=weight, params=params, shape=shape):
                     with torch.no_grad():
                         return mk.molora_linear(x, weight, None, *params[:4], *params[4:], top_k=shape.top_k,
                                                 scaling=2.0, backend=b)

@@ -8,7 +8,11 @@ plan's launch count is printed beside it). Read every GPU number of the layer ta
 
 **Keep in step with the code.** ``PLANS["triton-dense-cublas"]`` describes the Triton backend's dense
 MoLoRA path with the cuBLAS base (``MEDCARE_TRITON_BASE=cublas``; what ``auto`` runs from 1024 tokens)
-as read from the code at the time of writing: the launchers ``shrink_forward`` / ``shrink_backward``
+as read from the code: cuBLAS dA/dB, a token block that fills the SMs at prefill (no split-K reduce),
+dx's router term from dZ's 16-bit d_logits, no zero-filled gradients on the eager path.
+``PLANS["triton-dense-cublas-before"]`` is the path the H200 last measured (benchmarks/RESULTS.md),
+before those changes, kept so the two read side by side. Each plan reflects the launchers
+``shrink_forward`` / ``shrink_backward``
 (token block and split-K rules: :func:`block_t`, :func:`split_k`), ``ext_gemm`` and ``token_reduce``, and
 the padded rank-space widths of their ``Layout`` (:class:`Point` ``.W``, ``.WZ``, ``.WS``, ``.EL``). When a
 launch changes (cuBLAS for dA/dB, no split-K reduce at prefill, dx's router term from the 16-bit
@@ -133,9 +137,15 @@ class Point:
         return self.k * self.r + self.r_s
 
 
-def block_t(T: int) -> int:
-    """Tokens per shrink program (the Triton shrink launchers' ``_block_t``; keep in step)."""
+def block_t_before(T: int, sms: int = 132) -> int:
+    """Tokens per shrink program before the SM-filling rule (the plan ``triton-dense-cublas-before``)."""
     return 16 if T <= 16 else 32 if T <= 32 else 64 if T < 8192 else 128
+
+
+def block_t(T: int, sms: int = 132) -> int:
+    """Tokens per shrink program: the largest of 128/64/32 that gives every SM a tile, else 16 (the Triton
+    shrink launchers' ``_block_t``; keep in step)."""
+    return next((bt for bt in (128, 64, 32) if cdiv(T, bt) >= sms), 16)
 
 
 def split_k(tiles: int, k: int, sms: int, min_chunk: int = 256, cap: int = 32) -> int:
@@ -145,8 +155,12 @@ def split_k(tiles: int, k: int, sms: int, min_chunk: int = 256, cap: int = 32) -
     return max(1, min(cdiv(2 * sms, max(tiles, 1)), cdiv(k, min_chunk), cap))
 
 
-def shrink_split(p: Point, reduce_len: int) -> int:
-    return split_k(cdiv(p.T, block_t(p.T)), reduce_len, p.sms)
+def shrink_split(p: Point, reduce_len: int, rule: Callable[[int, int], int] = block_t) -> int:
+    return split_k(cdiv(p.T, rule(p.T, p.sms)), reduce_len, p.sms)
+
+
+def _split_before(p: Point, reduce_len: int) -> int:
+    return shrink_split(p, reduce_len, block_t_before)
 
 
 @dataclass(frozen=True)
@@ -192,10 +206,48 @@ PLANS: dict[str, list[Launch]] = {
                lambda p: p.T * p.d_in * p.size + p.A_rows * p.d_in * p.size
                + (shrink_split(p, p.d_in) * p.T * p.WS * 4 if shrink_split(p, p.d_in) > 1 else _fwd_outs(p)),
                lambda p: 2.0 * p.T * p.d_in * p.WS,
-               note="split-K when the token blocks do not fill the SMs: fp32 partials"),
+               note="token block sized so prefill fills the SMs: split-K only at decode sizes"),
         Launch("fwd", "shrink fwd split-K reduce",
                lambda p: shrink_split(p, p.d_in) * p.T * p.WS * 4 + _fwd_outs(p), lambda p: 0.0,
-               when=lambda p: shrink_split(p, p.d_in) > 1, note="avoidable: a token block that gives >= SM tiles"),
+               when=lambda p: shrink_split(p, p.d_in) > 1, note="decode sizes only"),
+        _gemm("fwd"),
+        Launch("fwd", "ext_gemm RMW y += H @ B_cat.T",
+               lambda p: 2 * p.T * p.d_out * p.size + p.T * p.W * p.size + p.d_out * p.W * p.size,
+               lambda p: 2.0 * p.T * p.d_out * p.W,
+               note="a second pass over y (read + write): ranked item 2 (cuBLAS carries the rank space) drops it"),
+        Launch("fwd", "used-expert mask (scatter of the indices)", lambda p: p.T * p.k * 8 + p.E, lambda p: 0.0,
+               note="experts no token chose are never read"),
+        Launch("bwd", "shrink bwd (dy @ B_cat, routing backward)",
+               lambda p: p.T * p.d_out * p.size + p.d_out * p.W * p.size
+               + (shrink_split(p, p.d_out) * p.T * p.WS * 4 if shrink_split(p, p.d_out) > 1 else _bwd_outs(p)),
+               lambda p: 2.0 * p.T * p.d_out * p.W),
+        Launch("bwd", "shrink bwd split-K reduce",
+               lambda p: shrink_split(p, p.d_out) * p.T * p.WS * 4 + _bwd_outs(p), lambda p: 0.0,
+               when=lambda p: shrink_split(p, p.d_out) > 1, note="decode sizes only"),
+        _gemm("bwd"),
+        Launch("bwd", "ext_gemm RMW dx += dZ @ A_cat (router term from dZ's 16-bit d_logits)",
+               lambda p: 2 * p.T * p.d_in * p.size + p.T * (p.W + p.E) * p.size + p.A_rows * p.d_in * p.size,
+               lambda p: 2.0 * p.T * p.d_in * (p.W + p.E),
+               note="a second pass over dx; ranked item 2 drops it"),
+        Launch("bwd", "cuBLAS dA, dA_s, dW_r = dZ.T @ x",
+               lambda p: p.T * p.d_in * p.size + p.T * (p.W + p.E) * p.size + (p.W + p.E) * p.d_in * p.size,
+               lambda p: 2.0 * p.T * p.d_in * (p.W + p.E), note="each operand read once"),
+        Launch("bwd", "cuBLAS dB, dB_s = dy.T @ H",
+               lambda p: p.T * p.d_out * p.size + p.T * p.W * p.size + p.d_out * p.W * p.size,
+               lambda p: 2.0 * p.T * p.d_out * p.W, note="each operand read once"),
+        Launch("bwd", "idle-expert masks and dB's permute to parameter layout",
+               lambda p: 2 * (p.E * p.r * p.d_in + p.E * p.d_out * p.r) * p.size + p.d_out * p.W * p.size * 2,
+               lambda p: 0.0, note="two torch.where and one copy"),
+    ],
+    "triton-dense-cublas-before": [
+        Launch("fwd", "shrink fwd (x @ A_cat.T, routing epilogue)",
+               lambda p: p.T * p.d_in * p.size + p.A_rows * p.d_in * p.size
+               + (_split_before(p, p.d_in) * p.T * p.WS * 4 if _split_before(p, p.d_in) > 1 else _fwd_outs(p)),
+               lambda p: 2.0 * p.T * p.d_in * p.WS,
+               note="split-K when the token blocks do not fill the SMs: fp32 partials"),
+        Launch("fwd", "shrink fwd split-K reduce",
+               lambda p: _split_before(p, p.d_in) * p.T * p.WS * 4 + _fwd_outs(p), lambda p: 0.0,
+               when=lambda p: _split_before(p, p.d_in) > 1, note="avoidable: a token block that gives >= SM tiles"),
         _gemm("fwd"),
         Launch("fwd", "ext_gemm RMW y += H @ B_cat.T",
                lambda p: 2 * p.T * p.d_out * p.size + p.T * p.W * p.size + p.d_out * p.W * p.size,
@@ -206,11 +258,11 @@ PLANS: dict[str, list[Launch]] = {
                note="avoidable: ctx.set_materialize_grads(False)"),
         Launch("bwd", "shrink bwd (dy @ B_cat, routing backward)",
                lambda p: p.T * p.d_out * p.size + p.d_out * p.W * p.size
-               + (shrink_split(p, p.d_out) * p.T * p.WS * 4 if shrink_split(p, p.d_out) > 1 else _bwd_outs(p)),
+               + (_split_before(p, p.d_out) * p.T * p.WS * 4 if _split_before(p, p.d_out) > 1 else _bwd_outs(p)),
                lambda p: 2.0 * p.T * p.d_out * p.W),
         Launch("bwd", "shrink bwd split-K reduce",
-               lambda p: shrink_split(p, p.d_out) * p.T * p.WS * 4 + _bwd_outs(p), lambda p: 0.0,
-               when=lambda p: shrink_split(p, p.d_out) > 1, note="avoidable: a token block that gives >= SM tiles"),
+               lambda p: _split_before(p, p.d_out) * p.T * p.WS * 4 + _bwd_outs(p), lambda p: 0.0,
+               when=lambda p: _split_before(p, p.d_out) > 1, note="avoidable: a token block that gives >= SM tiles"),
         _gemm("bwd"),
         Launch("bwd", "ext_gemm RMW dx += dZ @ A_cat (+ d_logits @ W_r fp32)",
                lambda p: 2 * p.T * p.d_in * p.size + p.T * p.WZ * p.size + p.T * p.E * 4
@@ -283,9 +335,10 @@ TOKENS = (4096, 16384)
 
 
 def summary_table(devices: list[str] | None = None, shapes=SHAPES, tokens=TOKENS, size: int = 2) -> str:
-    """Markdown: per device, shape and T, the floor's and today's path's roofline fwd and fwd+bwd."""
-    lines = ["| device | shape | T | floor fwd+bwd ms | path fwd ms (x floor) | path fwd+bwd ms (x floor) | launches |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: per device, shape and T, the floor's and today's path's roofline fwd and fwd+bwd, and the
+    path as the H200 last measured it (``triton-dense-cublas-before``)."""
+    lines = ["| device | shape | T | floor fwd+bwd ms | path fwd ms (x floor) | path fwd+bwd ms (x floor) | launches "
+             "| as last measured, fwd+bwd (x floor) |", "|---|---|---|---|---|---|---|---|"]
     for key in devices or list(DEVICES):
         dev = DEVICES[key]
         for name, d_in, d_out in shapes:
@@ -294,8 +347,10 @@ def summary_table(devices: list[str] | None = None, shapes=SHAPES, tokens=TOKENS
                 fl_f, fl = predict_s("floor", p, dev, "fwd"), predict_s("floor", p, dev)
                 pf, pb = predict_s("triton-dense-cublas", p, dev, "fwd"), predict_s("triton-dense-cublas", p, dev)
                 n = len(launches("triton-dense-cublas", p, dev))
+                old = predict_s("triton-dense-cublas-before", p, dev)
                 lines.append(f"| {dev.name} | {name} ({d_in}->{d_out}) | {T} | {fl * 1e3:.3f} | {pf * 1e3:.3f} "
-                             f"({pf / fl_f:.3f}x) | {pb * 1e3:.3f} ({pb / fl:.3f}x) | {n} |")
+                             f"({pf / fl_f:.3f}x) | {pb * 1e3:.3f} ({pb / fl:.3f}x) | {n} | {old * 1e3:.3f} "
+                             f"({old / fl:.3f}x) |")
     return "\n".join(lines)
 
 

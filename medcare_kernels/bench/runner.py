@@ -13,8 +13,15 @@ import torch
 
 from medcare_kernels.bench import interleave, measure, roofline, sanity
 from medcare_kernels.bench.methods import Inputs, Method, flop_limit, flops, make_inputs, methods
-from medcare_kernels.bench.shapes import (CPU_SHAPES, CPU_TOKENS, GPU_SHAPES, GPU_TOKENS, QUICK_SHAPES, QUICK_TOKENS,
-                                         Shape)
+from medcare_kernels.bench.shapes import (
+    CPU_SHAPES,
+    CPU_TOKENS,
+    GPU_SHAPES,
+    GPU_TOKENS,
+    QUICK_SHAPES,
+    QUICK_TOKENS,
+    Shape,
+)
 
 
 @dataclass

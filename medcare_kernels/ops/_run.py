@@ -3,8 +3,8 @@
 * ``reference``: the backend's ``apply`` (plain differentiable PyTorch: the authors' method).
 * traced by ``torch.compile``: the op's ``torch.library`` custom op, whose fake implementation and
   registered autograd formula let dynamo and AOT autograd trace through it (``fullgraph=True``).
-* eager, some input requires grad: ``eager(impl, *args)``, the op's ``torch.autograd.Function``, which calls the backend's
-  ``forward`` and ``backward`` directly. Same code, same saved state as the custom op, without the
+* eager, some input requires grad: ``eager(impl, *args)``, the op's ``torch.autograd.Function``, which calls
+  the backend's ``forward`` and ``backward`` directly. Same code, same saved state as the custom op, without the
   custom-op dispatch (about a third of a small call's host time; benchmarks/RESULTS.md, host overhead).
 * eager, nothing requires grad (inference): the backend's ``forward`` alone.
 """

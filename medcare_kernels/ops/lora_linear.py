@@ -1,6 +1,7 @@
 """``lora_linear``: a frozen linear plus one (possibly concatenated) LoRA, float32 LoRA arithmetic."""
 
 from __future__ import annotations
+
 from typing import Optional
 
 import torch

@@ -1,6 +1,7 @@
 """``route``: float32 softmax over the experts, top-k (ties to the lower index), renormalised weights."""
 
 from __future__ import annotations
+
 import torch
 from torch import Tensor
 

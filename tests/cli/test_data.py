@@ -145,8 +145,8 @@ def test_labels_cover_only_the_responses_with_the_chat_template(demo_tokenizer):
     assert tok.chat_template
     f = tokenize_messages(EXPECTED[0], tok)
     assert f["attention_mask"] == [1] * len(f["input_ids"])
-    assert [t for t in f["labels"] if t != IGNORE_INDEX] == [t for t, l in zip(f["input_ids"], f["labels"])
-                                                             if l != IGNORE_INDEX]
+    assert [t for t in f["labels"] if t != IGNORE_INDEX] == [t for t, lab in zip(f["input_ids"], f["labels"])
+                                                             if lab != IGNORE_INDEX]
     assert _response_text(tok, f) == "A vitamin K antagonist.<|im_end|>"  # the content and the end of turn
     prompt = prompt_text(EXPECTED[0][:1], tok)
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])

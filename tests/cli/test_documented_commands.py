@@ -21,16 +21,28 @@ DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").g
 
 # How each documented command is checked. "run": run by test_documented_training_commands_run_on_the_tiny_model
 # (in that order, in one temporary directory, with the documented paths mapped onto the tiny model and data).
-# "covered": the named test runs it as a subprocess. "lead": the Makefile targets (tested where they are
-# built). "skip": cannot run on one CPU machine, with why.
+# "covered": the named test runs it as a subprocess. "in-process": the named test calls the command's main()
+# with its flags (the benchmark tables, whose CPU runs take minutes; their flags are what the test checks).
+# "lead": the Makefile targets (tested where they are built). "skip": cannot run on one CPU machine, with why.
 _GPU_RUN = ("needs several GPUs/processes; tests/dist runs medcare train under torchrun, accelerate and ZeRO-3 on 2 "
             "CPU processes")
 _WHEEL = "building wheels for a GPU cluster (a CUDA toolkit, installs); make wheel is the lead's target"
 COMMANDS: dict[str, tuple[str, str]] = {
     "make test": ("lead", "runs this suite"),
+    "make lint": ("lead", ".ci/run runs it before make test"),
     "make demo": ("lead", "python -m medcare demo; tests/cli/test_commands.py runs medcare demo --quick"),
     "make wheel": ("lead", _WHEEL),
     "make gpu-check": ("lead", "needs a GPU"),
+    "make gpu-check QUICK=1": ("lead", "needs a GPU; tests/test_gpu_check.py runs its DRY_RUN=1 CPU form"),
+    "python -m benchmarks --host [--quick] [--threads N] [--backends torch,cuda] [--device cuda] [--json FILE]":
+        ("in-process", "tests/test_bench_host.py::test_host_cli_writes_json_that_the_report_renders"),
+    "python -m benchmarks --e2e [--quick] [--layers 2 --hidden 896 --intermediate 4864 --heads 14 --kv-heads 2 "
+    "--vocab 2048 --batch 4 --seq 256] [--rounds N] [--device cuda] [--json FILE]":
+        ("in-process", "tests/test_bench_e2e.py::test_e2e_cli_quick_writes_json_that_the_report_renders"),
+    "python -m benchmarks --roofline [--roofline-device h200|h100|a100]":
+        ("in-process", "tests/test_bench_roofline.py::test_roofline_cli_prints_the_predictions_without_a_gpu"),
+    "medcare bench --quick":
+        ("in-process", "tests/test_bench_quick.py::test_medcare_bench_quick_says_how_it_timed_and_flags_what_it_must"),
     "medcare train --stage 1 --model /models/Qwen2.5-7B --data knowledge.jsonl --output_dir runs/s1 --bf16 "
     "--per_device_train_batch_size 4 --gradient_accumulation_steps 8 --learning_rate 2e-4 --num_train_epochs 2 "
     "--lr_scheduler_type cosine --warmup_ratio 0.03 --logging_steps 10 --save_steps 500": ("run", "stage 1"),
@@ -117,6 +129,16 @@ def test_covered_commands_name_a_test_that_runs_them(command):
     assert "run_cli(" in source and f'"{words[1]}"' in source, (command, name)  # a subprocess of that command
     for flag in (w for w in words if w.startswith("--")):
         assert f'"{flag}"' in source, (command, flag)
+
+
+@pytest.mark.parametrize("command", [c for c, (how, _) in COMMANDS.items() if how == "in-process"])
+def test_in_process_commands_name_a_test_that_calls_main_with_their_mode(command):
+    """The named test calls the command's ``main([...])`` with its mode flag (``--host``, ``--e2e``, ``--quick``)."""
+    path, name = COMMANDS[command][1].split("::")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    source = inspect.getsource(getattr(module, name))
+    mode = next(w for w in shlex.split(command.replace("[", " ").replace("]", " ")) if w.startswith("--"))
+    assert "main([" in source and f'"{mode}"' in source, (command, name)
 
 
 @pytest.mark.parametrize("command", [c for c, (how, _) in COMMANDS.items() if how in ("skip", "lead")])

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from medcare import apply_stage1
+from medcare.data.dataset import tokenize_messages
 from medcare.eval import load_eval_items
 from medcare.eval.experts import plot_expert_heatmap, routing_statistics
 from medcare.eval.prompts import full_messages
-from medcare.data.dataset import tokenize_messages
 from medcare.modules import MoLoRALinear
 from tests.model.tiny import randomize_adapters, small_config
 

@@ -14,7 +14,7 @@ from tests.helpers import TOL, assert_close
 f64 = torch.float64
 
 
-# ---- float64 formulas, one token at a time (docs/design.md, "The mathematics") ----------------------------------------
+# ---- float64 formulas, one token at a time (docs/design.md, "The mathematics") ---------------------------
 
 def molora_f64(x, W, b, Wr, br, A, B, As, Bs, k, s, lx=None):
     """y_t = W x_t + b + sum_j w_tj s B_e A_e lx_t + s B_s A_s lx_t, routing on x_t in float64."""

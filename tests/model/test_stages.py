@@ -150,7 +150,8 @@ def test_stage1_generate_with_and_without_kv_cache_agree():
     b = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
     a = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
     assert a.shape == (2, 12) and torch.equal(a, b)
-    assert next(m for m in model.modules() if isinstance(m, MoLoRALinear)).last_router_logits.shape[0] == 2  # one new token each
+    molora = next(m for m in model.modules() if isinstance(m, MoLoRALinear))
+    assert molora.last_router_logits.shape[0] == 2  # one new token each
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])

@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from medcare import MedCareConfig
-from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear
+from medcare import MedCareConfig  # noqa: E402  (after the importorskip)
+from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear  # noqa: E402
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from medcare.cli._common import CLIError, write_dir_atomically
-from medcare_kernels.backends import record_backends
 from medcare.cli.demo.evaluate import evaluate, evaluate_held_out, generate
 from medcare.cli.demo.model import DATA_FILES, SIZES, DemoSize, build_model, build_tokenizer, data_file
 from medcare.cli.demo.plots import plot_summary
 from medcare.cli.demo.report import machine, render_summary, versions
 from medcare.cli.demo.train import train_stage
+from medcare_kernels.backends import record_backends
 
 __all__ = ["run_demo"]
 

@@ -6,8 +6,8 @@ What runs compiled, per op (the rest delegates to the torch backend's functions,
 =====================  ============================================================================
 ``route``              forward and backward kernels (one warp per token row)
 ``orthogonal_penalty`` forward and backward over all layers in one launch per pass, deterministic
-``molora_linear``      forward with at most ``DECODE_MAX_TOKENS`` tokens (:data:`medcare_kernels.dispatch.THRESHOLDS`): the BGMV-style decode
-                       kernels (router + shared shrink, route + chosen experts' shrink, expand into
+``molora_linear``      forward with at most ``DECODE_MAX_TOKENS`` tokens (``dispatch.THRESHOLDS``): the
+                       BGMV-style decode kernels (router + shared shrink, route + chosen experts' shrink, expand into
                        the cuBLAS base output). Larger token counts, and every backward (training),
                        use the torch backend on the same saved state (``z``, logits, routing).
 ``lora_linear``        the torch backend entirely (a GEMM plus two thin GEMMs: nothing to fuse here)

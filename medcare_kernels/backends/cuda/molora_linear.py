@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from medcare_kernels.backends.cuda import KERNEL_DTYPES
-from medcare_kernels.dispatch import THRESHOLDS
 from medcare_kernels.backends.pytorch import molora_linear as _torch
+from medcare_kernels.dispatch import THRESHOLDS
 
 _ops = torch.ops.medcare_kernels
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from medcare_kernels.dispatch import accumulate_dtype
 from medcare_kernels.backends.reference.route import apply as route
+from medcare_kernels.dispatch import accumulate_dtype
 
 
 def apply(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A, shared_B, lora_x,

@@ -35,6 +35,7 @@ from medcare_kernels.backends.triton._common import check_dtypes, compute_dtype
 from medcare_kernels.backends.triton.gemm import ext_gemm, weight_grad
 from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
+
 def choose_path(tokens: int, experts: int, rank: int, top_k: int) -> str:
     """``dense`` or ``grouped``. The dense-masked path computes all ``E*r`` rank columns (one thin GEMM, one K
     extension of ``E_R*R_PAD + r_s``); the grouped path computes only the chosen ``k*r`` per token but gathers

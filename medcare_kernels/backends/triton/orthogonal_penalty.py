@@ -20,12 +20,12 @@ _META = 5
 
 
 @triton.jit
-def _pen_tile(base_ptr, orth_ptr, meta_ptr, l, BR1: tl.constexpr, BR2: tl.constexpr, BK: tl.constexpr):
-    ob = tl.load(meta_ptr + l * 5 + 0)
-    oo = tl.load(meta_ptr + l * 5 + 1)
-    r1 = tl.load(meta_ptr + l * 5 + 2)
-    r2 = tl.load(meta_ptr + l * 5 + 3)
-    d = tl.load(meta_ptr + l * 5 + 4)
+def _pen_tile(base_ptr, orth_ptr, meta_ptr, layer, BR1: tl.constexpr, BR2: tl.constexpr, BK: tl.constexpr):
+    ob = tl.load(meta_ptr + layer * 5 + 0)
+    oo = tl.load(meta_ptr + layer * 5 + 1)
+    r1 = tl.load(meta_ptr + layer * 5 + 2)
+    r2 = tl.load(meta_ptr + layer * 5 + 3)
+    d = tl.load(meta_ptr + layer * 5 + 4)
     i = tl.arange(0, BR1)
     j = tl.arange(0, BR2)
     ck = tl.arange(0, BK)
@@ -42,17 +42,17 @@ def _pen_tile(base_ptr, orth_ptr, meta_ptr, l, BR1: tl.constexpr, BR2: tl.conste
 @triton.jit
 def _pen_fwd_kernel(base_ptr, orth_ptr, meta_ptr, out_ptr,
                     BR1: tl.constexpr, BR2: tl.constexpr, BK: tl.constexpr):
-    l = tl.program_id(0)
-    acc, ob, oo, r1, r2, d = _pen_tile(base_ptr, orth_ptr, meta_ptr, l, BR1, BR2, BK)
-    tl.store(out_ptr + l, tl.sum(tl.sum(tl.abs(acc), axis=1), axis=0))
+    layer = tl.program_id(0)
+    acc, ob, oo, r1, r2, d = _pen_tile(base_ptr, orth_ptr, meta_ptr, layer, BR1, BR2, BK)
+    tl.store(out_ptr + layer, tl.sum(tl.sum(tl.abs(acc), axis=1), axis=0))
 
 
 @triton.jit
 def _pen_bwd_kernel(base_ptr, orth_ptr, meta_ptr, g_ptr, d_base_ptr, d_orth_ptr,
                     NEED_BASE: tl.constexpr, NEED_ORTH: tl.constexpr,
                     BR1: tl.constexpr, BR2: tl.constexpr, BK: tl.constexpr):
-    l = tl.program_id(0)
-    acc, ob, oo, r1, r2, d = _pen_tile(base_ptr, orth_ptr, meta_ptr, l, BR1, BR2, BK)
+    layer = tl.program_id(0)
+    acc, ob, oo, r1, r2, d = _pen_tile(base_ptr, orth_ptr, meta_ptr, layer, BR1, BR2, BK)
     g = tl.load(g_ptr).to(tl.float32)
     s = tl.where(acc > 0.0, g, tl.where(acc < 0.0, -g, 0.0))
     i = tl.arange(0, BR1)
