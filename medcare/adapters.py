@@ -56,8 +56,8 @@ from medcare.distributed import copy_full_, full_params, gathered, is_global_ran
 from medcare.modules import LoRALinear, MoLoRALinear, OrthLoRALinear
 from medcare.stages import _WRAPPERS, _refresh_cache, fold_recorded, merged_records, model_stage
 
-__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "current_umask", "load_adapter",
-           "read_adapter", "remove_interrupted_writes", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "AdapterError", "atomic_write", "atomic_write_text",
+           "current_umask", "load_adapter", "read_adapter", "remove_interrupted_writes", "save_adapter"]
 
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "medcare_config.json"
@@ -135,7 +135,14 @@ def remove_interrupted_writes(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of UTF-8 ``text``."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, which gets the umask's
+    permissions, is synced and renamed over ``path``; a failure leaves ``path`` as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -221,8 +228,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, config: MedCareCo
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
-    _atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"medcare": text}))
-    _atomic_write(out / ADAPTER_CONFIG_NAME, write_json)
+    atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"medcare": text}))
+    atomic_write(out / ADAPTER_CONFIG_NAME, write_json)
     return out
 
 

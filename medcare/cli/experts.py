@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
+    from medcare.adapters import atomic_write_text
     from medcare.eval.experts import plot_expert_heatmap, routing_statistics
-    from medcare.eval.report import _atomic_write_text
 
     data = load_data(args)
     items = [it for file_items in data.values() for it in file_items]
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "experts.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "experts.json", json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
         png = plot_expert_heatmap(stats, out / "experts.png")
         say(f"wrote {out / 'experts.json'}" + (f" and {png}" if png else " (no heat map: pip install matplotlib)"))
     return 0

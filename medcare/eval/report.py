@@ -3,15 +3,14 @@ ROUGE-L of open-ended items; as JSON (``results.json``), markdown (``results.md`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medcare.adapters import atomic_write_text
 from medcare.eval.metrics import wilson_interval
 
 __all__ = ["render_markdown", "summarize", "write_results"]
@@ -98,20 +97,6 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(output: str | os.PathLike, results: dict[str, Any], predictions: Sequence[dict[str, Any]],
                   markdown: str | None = None) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``predictions.jsonl`` into ``output`` (created if needed), each
@@ -119,7 +104,7 @@ def write_results(output: str | os.PathLike, results: dict[str, Any], prediction
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "markdown": out / "results.md", "predictions": out / "predictions.jsonl"}
-    _atomic_write_text(paths["predictions"], "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    _atomic_write_text(paths["markdown"], (markdown if markdown is not None else render_markdown(results)) + "\n")
-    _atomic_write_text(paths["results"], json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["predictions"], "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    atomic_write_text(paths["markdown"], (markdown if markdown is not None else render_markdown(results)) + "\n")
+    atomic_write_text(paths["results"], json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     return paths

@@ -198,32 +198,55 @@ def _gemm(m: str) -> Launch:
                   floor=True)
 
 
+def _shrink(phase: str, split: Callable[[Point, int], int], note: str, reduce_note: str) -> list[Launch]:
+    """The shrink kernel of ``phase`` (forward: ``x @ A_cat.T`` with the routing epilogue; backward:
+    ``dy @ B_cat`` with the routing backward) and its split-K reduce pass, under the token-block rule that
+    ``split`` (a Point and the reduction length -> slices) stands for."""
+    if phase == "fwd":
+        def red(p):
+            return p.d_in
+
+        def weights(p):
+            return p.A_rows * p.d_in * p.size
+
+        def flops(p):
+            return 2.0 * p.T * p.d_in * p.WS
+        outs, name = _fwd_outs, "shrink fwd (x @ A_cat.T, routing epilogue)"
+    else:
+        def red(p):
+            return p.d_out
+
+        def weights(p):
+            return p.d_out * p.W * p.size
+
+        def flops(p):
+            return 2.0 * p.T * p.d_out * p.W
+        outs, name = _bwd_outs, "shrink bwd (dy @ B_cat, routing backward)"
+
+    def main_bytes(p):
+        s = split(p, red(p))
+        return p.T * red(p) * p.size + weights(p) + (s * p.T * p.WS * 4 if s > 1 else outs(p))
+    return [Launch(phase, name, main_bytes, flops, note=note),
+            Launch(phase, f"shrink {phase} split-K reduce", lambda p: split(p, red(p)) * p.T * p.WS * 4 + outs(p),
+                   lambda p: 0.0, when=lambda p: split(p, red(p)) > 1, note=reduce_note)]
+
+
+_RMW_Y = Launch("fwd", "ext_gemm RMW y += H @ B_cat.T",
+                lambda p: 2 * p.T * p.d_out * p.size + p.T * p.W * p.size + p.d_out * p.W * p.size,
+                lambda p: 2.0 * p.T * p.d_out * p.W,
+                note="a second pass over y (read + write): ranked item 2 (cuBLAS carries the rank space) drops it")
+
 #: Path name -> its launches, forward then backward.
 PLANS: dict[str, list[Launch]] = {
     "floor": [_gemm("fwd"), _gemm("bwd")],
     "triton-dense-cublas": [
-        Launch("fwd", "shrink fwd (x @ A_cat.T, routing epilogue)",
-               lambda p: p.T * p.d_in * p.size + p.A_rows * p.d_in * p.size
-               + (shrink_split(p, p.d_in) * p.T * p.WS * 4 if shrink_split(p, p.d_in) > 1 else _fwd_outs(p)),
-               lambda p: 2.0 * p.T * p.d_in * p.WS,
-               note="token block sized so prefill fills the SMs: split-K only at decode sizes"),
-        Launch("fwd", "shrink fwd split-K reduce",
-               lambda p: shrink_split(p, p.d_in) * p.T * p.WS * 4 + _fwd_outs(p), lambda p: 0.0,
-               when=lambda p: shrink_split(p, p.d_in) > 1, note="decode sizes only"),
+        *_shrink("fwd", shrink_split, "token block sized so prefill fills the SMs: split-K only at decode sizes",
+                 "decode sizes only"),
         _gemm("fwd"),
-        Launch("fwd", "ext_gemm RMW y += H @ B_cat.T",
-               lambda p: 2 * p.T * p.d_out * p.size + p.T * p.W * p.size + p.d_out * p.W * p.size,
-               lambda p: 2.0 * p.T * p.d_out * p.W,
-               note="a second pass over y (read + write): ranked item 2 (cuBLAS carries the rank space) drops it"),
+        _RMW_Y,
         Launch("fwd", "used-expert mask (scatter of the indices)", lambda p: p.T * p.k * 8 + p.E, lambda p: 0.0,
                note="experts no token chose are never read"),
-        Launch("bwd", "shrink bwd (dy @ B_cat, routing backward)",
-               lambda p: p.T * p.d_out * p.size + p.d_out * p.W * p.size
-               + (shrink_split(p, p.d_out) * p.T * p.WS * 4 if shrink_split(p, p.d_out) > 1 else _bwd_outs(p)),
-               lambda p: 2.0 * p.T * p.d_out * p.W),
-        Launch("bwd", "shrink bwd split-K reduce",
-               lambda p: shrink_split(p, p.d_out) * p.T * p.WS * 4 + _bwd_outs(p), lambda p: 0.0,
-               when=lambda p: shrink_split(p, p.d_out) > 1, note="decode sizes only"),
+        *_shrink("bwd", shrink_split, "", "decode sizes only"),
         _gemm("bwd"),
         Launch("bwd", "ext_gemm RMW dx += dZ @ A_cat (router term from dZ's 16-bit d_logits)",
                lambda p: 2 * p.T * p.d_in * p.size + p.T * (p.W + p.E) * p.size + p.A_rows * p.d_in * p.size,
@@ -239,30 +262,16 @@ PLANS: dict[str, list[Launch]] = {
                lambda p: 2 * (p.E * p.r * p.d_in + p.E * p.d_out * p.r) * p.size + p.d_out * p.W * p.size * 2,
                lambda p: 0.0, note="two torch.where and one copy"),
     ],
+    # The path the H200 last measured (benchmarks/RESULTS.md, 2026-11-26), before the changes above.
     "triton-dense-cublas-before": [
-        Launch("fwd", "shrink fwd (x @ A_cat.T, routing epilogue)",
-               lambda p: p.T * p.d_in * p.size + p.A_rows * p.d_in * p.size
-               + (_split_before(p, p.d_in) * p.T * p.WS * 4 if _split_before(p, p.d_in) > 1 else _fwd_outs(p)),
-               lambda p: 2.0 * p.T * p.d_in * p.WS,
-               note="split-K when the token blocks do not fill the SMs: fp32 partials"),
-        Launch("fwd", "shrink fwd split-K reduce",
-               lambda p: _split_before(p, p.d_in) * p.T * p.WS * 4 + _fwd_outs(p), lambda p: 0.0,
-               when=lambda p: _split_before(p, p.d_in) > 1, note="avoidable: a token block that gives >= SM tiles"),
+        *_shrink("fwd", _split_before, "split-K when the token blocks do not fill the SMs: fp32 partials",
+                 "avoidable: a token block that gives >= SM tiles"),
         _gemm("fwd"),
-        Launch("fwd", "ext_gemm RMW y += H @ B_cat.T",
-               lambda p: 2 * p.T * p.d_out * p.size + p.T * p.W * p.size + p.d_out * p.W * p.size,
-               lambda p: 2.0 * p.T * p.d_out * p.W,
-               note="a second pass over y (read + write): avoidable by cuBLAS beta=1 or a K-extended GEMM"),
+        _RMW_Y,
         Launch("bwd", "zero-filled grads of unused outputs",
                lambda p: p.T * (p.E + p.k + p.lora_cols) * 4, lambda p: 0.0,
                note="avoidable: ctx.set_materialize_grads(False)"),
-        Launch("bwd", "shrink bwd (dy @ B_cat, routing backward)",
-               lambda p: p.T * p.d_out * p.size + p.d_out * p.W * p.size
-               + (_split_before(p, p.d_out) * p.T * p.WS * 4 if _split_before(p, p.d_out) > 1 else _bwd_outs(p)),
-               lambda p: 2.0 * p.T * p.d_out * p.W),
-        Launch("bwd", "shrink bwd split-K reduce",
-               lambda p: _split_before(p, p.d_out) * p.T * p.WS * 4 + _bwd_outs(p), lambda p: 0.0,
-               when=lambda p: _split_before(p, p.d_out) > 1, note="avoidable: a token block that gives >= SM tiles"),
+        *_shrink("bwd", _split_before, "", "avoidable: a token block that gives >= SM tiles"),
         _gemm("bwd"),
         Launch("bwd", "ext_gemm RMW dx += dZ @ A_cat (+ d_logits @ W_r fp32)",
                lambda p: 2 * p.T * p.d_in * p.size + p.T * p.WZ * p.size + p.T * p.E * 4

@@ -98,7 +98,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         backend: ``"auto"``, or a name from :func:`medcare_kernels.available_backends`.
 
     Returns:
-        ``y [..., d_out]`` in x's dtype; differentiable w.r.t. every floating input.
+        ``y [..., d_out]`` in x's dtype; differentiable w.r.t. every floating input. A NaN or inf in one
+        token's input makes that token's row of ``y`` non-finite and no other.
     """
     d_out, d_in = _checks.base_linear(x, weight, bias)
     lora_A = _checks.tensor("lora_A", lora_A, ndim=2)

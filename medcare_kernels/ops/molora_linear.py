@@ -182,6 +182,13 @@ def molora_linear(
     Returns:
         ``(y [..., d_out] in x's dtype, router_logits [T, E] float32)`` with ``T = x.numel() // d_in``
         (float64 logits for float64 inputs). Differentiable w.r.t. every floating input.
+
+    Non-finite values (every backend but the reference, which computes every expert for every token): a
+    NaN or inf in token t's ``x``/``lora_x`` makes row t of ``y`` and of the logits non-finite and leaves
+    every other row as it would be (up to the frozen base GEMM's own behaviour); a row with a non-finite
+    logit is routed to k distinct valid experts with NaN weights; an expert no token chose is never read,
+    whatever its parameters hold, and gets exact zero gradients. The gradients of the parameters a
+    poisoned row meets (router, shared experts, chosen experts) may be non-finite.
     """
     top_k, scaling, device = _check(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_A,
                                     shared_B, top_k, scaling, lora_x)

@@ -84,7 +84,8 @@ def route(logits: Tensor, top_k: int, *, backend: str = "auto") -> tuple[Tensor,
 
     Returns:
         ``(weights [..., k] float32, indices [..., k] int64)``; float64 weights for float64 logits.
-        Differentiable w.r.t. ``logits`` through the weights.
+        Differentiable w.r.t. ``logits`` through the weights. A row with a NaN or infinite logit gets k
+        distinct valid experts and NaN weights; the other rows are unaffected.
     """
     _checks.tensor("logits", logits, min_ndim=1)
     E = logits.shape[-1]

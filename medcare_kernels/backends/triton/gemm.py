@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from medcare_kernels import dispatch
 from medcare_kernels.backends.triton._common import INTERPRET, autotune, bucket, cdiv, cfg, mma, num_sms, pow2, split_k
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): large tiles for prefill on Hopper/Ampere, thin-M tiles with
@@ -214,6 +215,23 @@ def token_reduce(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out[0] if split == 1 else out.sum(0)
 
 
+def base_plus_lora(a0: torch.Tensor, b0: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                   **lora) -> torch.Tensor:
+    """``a0 @ b0 (+ bias) + LoRA segments`` [M, N] in ``out_dtype``: the frozen GEMM (forward ``x @ W.T``,
+    backward ``dy @ W``) with the rank space added. From ``CUBLAS_BASE_MIN_TOKENS`` rows
+    (:func:`medcare_kernels.dispatch.triton_base`) cuBLAS computes the base and :func:`ext_gemm` adds the
+    segments in one read-modify-write pass; below it the base runs inside the K-extended kernel (the
+    output written once). ``lora``: :func:`ext_gemm`'s segment arguments (with ``layout``)."""
+    M, N = a0.shape[0], b0.shape[1]
+    if dispatch.triton_base(M) == "cublas":
+        out = (torch.mm(a0, b0) if bias is None else torch.addmm(bias, a0, b0)).to(out_dtype)
+        if any(lora.get(k) is not None for k in ("hz", "router")):
+            ext_gemm(out, accumulate=True, **lora)
+        return out
+    out = torch.empty(M, N, dtype=out_dtype, device=a0.device)
+    return ext_gemm(out, a0=a0, b0=b0, bias=bias, **lora)
+
+
 def weight_grad(p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``p.T @ q`` [M, N] for a weight gradient of ``dtype``: cuBLAS (each operand read once) when both
     operands and the gradient share one dtype; else :func:`token_reduce` (float32 result, so a float32
@@ -223,4 +241,4 @@ def weight_grad(p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.T
     return token_reduce(p, q)
 
 
-__all__ = ["ext_gemm", "token_reduce", "weight_grad", "INTERPRET", "num_sms"]
+__all__ = ["base_plus_lora", "ext_gemm", "token_reduce", "weight_grad", "INTERPRET", "num_sms"]

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from medcare_kernels import dispatch
 from medcare_kernels.backends.triton._common import check_dtypes, compute_dtype
-from medcare_kernels.backends.triton.gemm import ext_gemm, weight_grad
+from medcare_kernels.backends.triton.gemm import base_plus_lora, ext_gemm, weight_grad
 from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
 
@@ -29,13 +28,7 @@ def forward(x, weight, bias, lora_A, lora_B, lora_x, scaling: float):
     L = _layout(lora_A.shape[0])
     hd = compute_dtype(x.dtype, lora_A.dtype, lora_B.dtype)
     _, _, _, z, h = shrink_forward(x, lora_x, None, lora_A, None, None, L, scaling, hd)
-    if dispatch.triton_base(x.shape[0]) == "cublas":
-        y = torch.nn.functional.linear(x, weight, bias)
-        ext_gemm(y, hz=h, shared=lora_B.T, layout=L, accumulate=True)
-    else:
-        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-        ext_gemm(y, a0=x, b0=weight.T, bias=bias, hz=h, shared=lora_B.T, layout=L)
-    return y, z
+    return base_plus_lora(x, weight.T, bias, x.dtype, hz=h, shared=lora_B.T, layout=L), z
 
 
 def backward(grad_y, x, lora_x, weight, lora_A, lora_B, z, scaling: float, needs):
@@ -51,14 +44,8 @@ def backward(grad_y, x, lora_x, weight, lora_A, lora_B, z, scaling: float, needs
     if need_x or need_a or need_bb or need_lx:
         dz, h, _ = shrink_backward(grad_y, None, lora_B, None, None, z, None, L, scaling, hd)
         if need_x:  # dx = dy @ W (+ dZ @ A when x is also the LoRA input)
-            ext = dict(hz=dz, shared=lora_A) if lora_x is None else {}
-            if dispatch.triton_base(x.shape[0]) == "cublas":
-                d_x = torch.mm(grad_y, weight).to(x.dtype)
-                if ext:
-                    ext_gemm(d_x, layout=L, accumulate=True, **ext)
-            else:
-                d_x = torch.empty_like(x)
-                ext_gemm(d_x, a0=grad_y, b0=weight, layout=L, **ext)
+            d_x = base_plus_lora(grad_y, weight, None, x.dtype, layout=L,
+                                 **(dict(hz=dz, shared=lora_A) if lora_x is None else {}))
         if need_lx:
             d_lx = torch.empty_like(lora_x)
             ext_gemm(d_lx, hz=dz, shared=lora_A, layout=L)

@@ -32,7 +32,7 @@ import torch
 from medcare_kernels import dispatch
 from medcare_kernels.backends.triton import grouped
 from medcare_kernels.backends.triton._common import check_dtypes, compute_dtype
-from medcare_kernels.backends.triton.gemm import ext_gemm, weight_grad
+from medcare_kernels.backends.triton.gemm import base_plus_lora, ext_gemm, weight_grad
 from medcare_kernels.backends.triton.shrink import Layout, shrink_backward, shrink_forward
 
 
@@ -88,12 +88,7 @@ def forward(x, weight, bias, router_weight, router_bias, lora_A, lora_B, shared_
                                                     scaling, hd)
     lora = dict(hz=h, routed=_routed_B(lora_B), shared=shared_B.T if r_s else None, indices=indices,
                 used=_used(indices, E), layout=L)
-    if dispatch.triton_base(T) == "cublas":
-        y = torch.nn.functional.linear(x, weight, bias)
-        ext_gemm(y, accumulate=True, **lora)
-    else:
-        y = torch.empty(T, weight.shape[0], dtype=x.dtype, device=x.device)
-        ext_gemm(y, a0=x, b0=weight.T, bias=bias, **lora)
+    y = base_plus_lora(x, weight.T, bias, x.dtype, **lora)
     return y, logits, weights, indices, z
 
 
@@ -126,13 +121,8 @@ def backward(grad_y, grad_logits, x, lora_x, weight, router_weight, lora_A, lora
         router_in_dz = router_weight.dtype == hd
         router = (dz[:, L.W: L.W + E] if router_in_dz else dl, router_weight)
         if need_x:  # dx = dy @ W (+ dZ @ [A_all; A_s] when x is also the LoRA input) + d_logits @ W_r
-            ext = lora if lora_x is None else dict(layout=L)
-            if dispatch.triton_base(T) == "cublas":
-                d_x = torch.mm(grad_y, weight).to(x.dtype)
-                ext_gemm(d_x, router=router, accumulate=True, **ext)
-            else:
-                d_x = torch.empty_like(x)
-                ext_gemm(d_x, a0=grad_y, b0=weight, router=router, **ext)
+            d_x = base_plus_lora(grad_y, weight, None, x.dtype, router=router,
+                                 **(lora if lora_x is None else dict(layout=L)))
         if need_lx:
             d_lx = torch.empty_like(lora_x)
             ext_gemm(d_lx, **lora)
