@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["KNOBS", "PREFERENCES", "THRESHOLDS", "Knob", "Preference", "Threshold", "accumulate_dtype", "knob",
-           "torch_formulation", "triton_base", "triton_path"]
+           "preferred", "torch_formulation", "triton_base", "triton_path"]
 
 BACKEND_NAMES = ("reference", "torch", "cuda", "triton")
 

@@ -1,5 +1,6 @@
-"""The public ops. Each file: argument checks -> backend dispatch -> ``torch.library`` custom op with a
-fake implementation and a registered autograd formula -> the public function.
+"""The public ops. Each file: argument checks -> ``resolve_backend`` -> :func:`medcare_kernels.ops._run.call`,
+which runs the backend through the op's ``torch.autograd.Function`` in eager mode, or through its
+``torch.library`` custom op (fake implementation, registered autograd formula) under ``torch.compile``.
 
 Backend contract (what a backend module provides for each op; T = tokens, all 2-D inputs contiguous):
 
