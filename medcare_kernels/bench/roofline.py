@@ -202,26 +202,18 @@ def _shrink(phase: str, split: Callable[[Point, int], int], note: str, reduce_no
     """The shrink kernel of ``phase`` (forward: ``x @ A_cat.T`` with the routing epilogue; backward:
     ``dy @ B_cat`` with the routing backward) and its split-K reduce pass, under the token-block rule that
     ``split`` (a Point and the reduction length -> slices) stands for."""
-    if phase == "fwd":
-        def red(p):
-            return p.d_in
+    fwd = phase == "fwd"
+    name = "shrink fwd (x @ A_cat.T, routing epilogue)" if fwd else "shrink bwd (dy @ B_cat, routing backward)"
+    outs = _fwd_outs if fwd else _bwd_outs
 
-        def weights(p):
-            return p.A_rows * p.d_in * p.size
+    def red(p):  # the reduction: over x's d_in forward, dy's d_out backward
+        return p.d_in if fwd else p.d_out
 
-        def flops(p):
-            return 2.0 * p.T * p.d_in * p.WS
-        outs, name = _fwd_outs, "shrink fwd (x @ A_cat.T, routing epilogue)"
-    else:
-        def red(p):
-            return p.d_out
+    def weights(p):  # the rank-space weights read per pass: A_cat forward, B_cat backward
+        return (p.A_rows if fwd else p.W) * red(p) * p.size
 
-        def weights(p):
-            return p.d_out * p.W * p.size
-
-        def flops(p):
-            return 2.0 * p.T * p.d_out * p.W
-        outs, name = _bwd_outs, "shrink bwd (dy @ B_cat, routing backward)"
+    def flops(p):
+        return 2.0 * p.T * red(p) * (p.WS if fwd else p.W)
 
     def main_bytes(p):
         s = split(p, red(p))
