@@ -112,7 +112,6 @@ class _Sorted:
         counts = torch.bincount(flat, minlength=experts).tolist()
         ends = list(itertools.accumulate(counts))
         self.segments = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n]
-        self.idle = [e for e, n in enumerate(counts) if not n]
 
     def gather(self, slot_values: torch.Tensor) -> torch.Tensor:
         """[T, k, ...] per-slot values -> [T*k, ...] in sorted order."""
