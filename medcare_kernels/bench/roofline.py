@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from medcare_kernels.bench.shapes import GPU_SHAPES
+
 
 def pow2(n: int, floor: int = 1) -> int:
     """The smallest power of two >= max(n, floor)."""
@@ -331,7 +333,7 @@ def flop_limits(p: Point) -> dict[str, float]:
 
 
 #: The ``--roofline`` table's points: Qwen2-7B FFN up/gate and down, prefill token counts.
-SHAPES = (("qwen2-7b-up", 3584, 18944), ("qwen2-7b-down", 18944, 3584))
+SHAPES = tuple((s.name, s.d_in, s.d_out) for s in GPU_SHAPES)
 TOKENS = (4096, 16384)
 
 

@@ -23,6 +23,14 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def dense_grad(grad: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A linear op's incoming output gradient as the backends take it: contiguous [T, d_out], zeros when
+    the output got none (only another output, e.g. the router logits, had a gradient)."""
+    if grad is None:
+        return torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    return grad.contiguous()
+
+
 def call(op: str, backend: str, args: Sequence, *, eager: Callable, custom_op: Callable, outputs: int,
          grad: bool) -> tuple:
     """The first ``outputs`` results of ``op`` on ``args`` with ``backend`` (see the module doc)."""

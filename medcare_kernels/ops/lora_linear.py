@@ -53,19 +53,12 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_y, _grad_z):
     needs = list(ctx.needs_input_grad[: len(_GRAD_INPUTS)])
     saved = ctx.saved_tensors
-    grads = _lora_linear_backward_op(_dense(saved, grad_y), *saved, ctx.scaling, needs, ctx.backend)
+    grad_y = _run.dense_grad(grad_y, saved[0], saved[2])  # saved: x first, the base weight third
+    grads = _lora_linear_backward_op(grad_y, *saved, ctx.scaling, needs, ctx.backend)
     return (*_grads.unpack(grads, needs), None, None)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup)
-
-
-def _dense(saved, grad_y):
-    """``grad_y`` as the backends take it: contiguous (zeros if the output got no gradient)."""
-    if grad_y is None:
-        x, weight = saved[0], saved[2]
-        return torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    return grad_y.contiguous()
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -81,7 +74,7 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors
-        grads = ctx.impl.backward(_dense(saved, grad_y), *saved, ctx.scaling,
+        grads = ctx.impl.backward(_run.dense_grad(grad_y, saved[0], saved[2]), *saved, ctx.scaling,
                                   ctx.needs_input_grad[1: 1 + len(_GRAD_INPUTS)])
         return (None, *grads, None)
 

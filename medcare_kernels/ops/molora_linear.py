@@ -87,12 +87,8 @@ _molora_linear_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _grad_inputs(saved, grad_y, grad_logits):
-    """The incoming gradients as the backends take them: a dense ``grad_y`` (zeros when only the logits
-    got one) and ``grad_logits`` or None."""
-    x, weight = saved[0], saved[2]
-    if grad_y is None:
-        grad_y = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    return grad_y.contiguous(), None if grad_logits is None else grad_logits.contiguous()
+    """The incoming gradients as the backends take them (``saved``: x first, the base weight third)."""
+    return _run.dense_grad(grad_y, saved[0], saved[2]), None if grad_logits is None else grad_logits.contiguous()
 
 
 class _MoLoRAFunction(torch.autograd.Function):
